@@ -1,0 +1,5 @@
+// Umbrella header for voken's public API.
+#pragma once
+
+#include "voken/error.h"
+#include "voken/version.h"
