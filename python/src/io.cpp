@@ -155,7 +155,15 @@ py::array to_numpy(const at::Tensor& input) {
   return py::array(numpy_dtype(tensor.scalar_type()), shape, strides, tensor.data_ptr(), base);
 }
 
-at::Tensor from_numpy(const py::array& array, bool copy) {
+at::Tensor from_numpy(const py::array& input, bool copy) {
+  py::array array = input;
+  for (py::ssize_t d = 0; d < array.ndim(); ++d) {
+    if (array.strides(d) < 0 || array.strides(d) % array.itemsize() != 0) {
+      // Reversed or byte-misaligned views: libtorch wants non-negative element strides.
+      array = py::module_::import("numpy").attr("ascontiguousarray")(array);
+      break;
+    }
+  }
   const auto dtype = scalar_type_of(array.dtype());
   std::vector<int64_t> shape(array.shape(), array.shape() + array.ndim());
   std::vector<int64_t> strides;
@@ -227,14 +235,14 @@ void bind_io(py::module_ m) {
   m.def(
       "save_safetensors",
       [](const std::string& path, const py::dict& tensors,
-         const std::map<std::string, std::string>& metadata) {
+         const std::optional<std::map<std::string, std::string>>& metadata) {
         std::vector<std::pair<std::string, at::Tensor>> list;
         for (const auto& [name, value] : tensors)
           list.emplace_back(py::cast<std::string>(name), from_numpy(py::array::ensure(value), false));
         py::gil_scoped_release release;
-        io::write_safetensors(path, list, metadata);
+        io::write_safetensors(path, list, metadata.value_or(std::map<std::string, std::string>{}));
       },
-      py::arg("path"), py::arg("tensors"), py::arg("metadata") = std::map<std::string, std::string>{},
+      py::arg("path"), py::arg("tensors"), py::arg("metadata") = py::none(),
       "Write {name: numpy array} as a safetensors file.");
 }
 

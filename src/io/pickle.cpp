@@ -112,6 +112,19 @@ bool is_denied_global(const std::string& module, const std::string& name) {
 
 namespace {
 
+// Protocol 0-2 pickles (torch.save's default is 2) name some modules as Python 2 did; Python 3's
+// unpickler renames them (_compat_pickle), and so do we, so that e.g. __builtin__.set is a set
+// and commands.call is refused like subprocess.call.
+std::string python3_module_name(const std::string& module) {
+  static const std::pair<const char*, const char*> kRenames[] = {
+      {"__builtin__", "builtins"}, {"copy_reg", "copyreg"},     {"commands", "subprocess"},
+      {"exceptions", "builtins"},  {"UserDict", "collections"}, {"cPickle", "pickle"},
+      {"cStringIO", "io"},         {"StringIO", "io"},          {"urllib2", "urllib.request"}};
+  for (const auto& [old_name, new_name] : kRenames)
+    if (module == old_name) return new_name;
+  return module;
+}
+
 class Machine {
  public:
   Machine(const uint8_t* data, std::size_t size, const std::string& source,
@@ -265,6 +278,7 @@ class Machine {
   }
 
   void push_global(std::string module, std::string name) {  // by value: push() may move objects
+    module = python3_module_name(module);
     if (is_denied_global(module, name))
       fail(position_, "disallowed global '" + module + "." + name +
                           "': voken only rebuilds tensors and plain data, it never runs code "
@@ -357,6 +371,25 @@ class Machine {
         if (source.kind != PyKind::Tuple && source.kind != PyKind::List && source.kind != PyKind::Set)
           fail(position_, callable + " of a " + py_kind_name(source.kind));
         out.items = source.items;
+      }
+      return out;
+    }
+    if (callable == "builtins.bytes" || callable == "builtins.bytearray") {
+      // bytes() / bytes(list of ints), as protocol 2 writes b"" and bytearrays.
+      PyObject out = make(PyKind::Bytes);
+      if (!args.empty()) {
+        const PyObject& source = objects_[args[0]];
+        if (source.kind == PyKind::Bytes || source.kind == PyKind::String) {
+          out.str = source.str;
+        } else if (source.kind == PyKind::List || source.kind == PyKind::Tuple) {
+          for (PyRef item : source.items) {
+            const int64_t byte = expect(item, PyKind::Int, "byte value").integer;
+            if (byte < 0 || byte > 255) fail(position_, "byte value out of range");
+            out.str.push_back(static_cast<char>(byte));
+          }
+        } else {
+          fail(position_, callable + " of a " + py_kind_name(source.kind));
+        }
       }
       return out;
     }
@@ -643,7 +676,7 @@ class Machine {
         break;
       }
       case 'i': {  // INST module\nname\n, mark, args...
-        const std::string module = read_line();
+        const std::string module = python3_module_name(read_line());
         const std::string name = read_line();
         if (is_denied_global(module, name))
           fail(position_, "disallowed global '" + module + "." + name + "'");

@@ -241,17 +241,21 @@ at::Tensor WeightLoader::take_impl(const std::string& name, const std::vector<in
   return convert_weight(stored, options_);
 }
 
-void WeightLoader::ignore(const std::string& pattern) { ignore_patterns_.push_back(pattern); }
+void WeightLoader::ignore(const std::string& pattern) {
+  try {
+    ignored_.emplace_back(pattern);
+  } catch (const std::regex_error& e) {
+    throw ArgumentError(what_ + ": invalid ignore pattern '" + pattern + "': " + e.what());
+  }
+}
 
 void WeightLoader::finish(bool strict) {
   std::vector<std::string> unexpected;
   if (strict) {
-    std::vector<std::regex> ignored;
-    for (const auto& p : ignore_patterns_) ignored.emplace_back(p);
     for (const auto& name : weights_.keys()) {
       if (taken_.count(name)) continue;
       bool skip = false;
-      for (const auto& re : ignored) skip = skip || std::regex_search(name, re);
+      for (const auto& re : ignored_) skip = skip || std::regex_search(name, re);
       if (!skip) unexpected.push_back(name + " " + shape_string(weights_.at(name).sizes()));
     }
   }

@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <regex>
 #include <set>
 #include <string>
 #include <utility>
@@ -111,7 +112,7 @@ class WeightLoader {
   WeightOptions options_;
   std::string what_;
   std::set<std::string> taken_;
-  std::vector<std::string> ignore_patterns_;
+  std::vector<std::regex> ignored_;
   std::vector<std::string> missing_;
   std::vector<std::string> mis_shaped_;
 };
