@@ -1,0 +1,93 @@
+#include "common/golden.h"
+
+#include <cstdio>
+#include <sstream>
+
+#include "common/test_support.h"
+
+namespace voken::test {
+
+std::optional<GoldenSet> GoldenSet::open(const std::string& component) {
+  const std::string dir = golden_component(component);
+  if (dir.empty()) return std::nullopt;
+  GoldenSet set;
+  set.component_ = component;
+  set.dir_ = dir;
+  set.json_ = io::read_json_file(dir + "/cases.json");
+  set.tensors_ = std::make_shared<io::SafetensorsFile>(io::SafetensorsFile::open(dir + "/cases.safetensors"));
+  return set;
+}
+
+std::string GoldenSet::missing_reason(const std::string& component) {
+  return "golden folder for '" + component + "' not found (set VOKEN_GOLDEN_DIR; default ../shared/golden)";
+}
+
+std::string GoldenSet::model_dir() const {
+  return dir_ + "/" + (json_.contains("model_dir") ? json_.at("model_dir").get<std::string>() : "model");
+}
+
+const io::Json* GoldenSet::find_case(const std::string& name) const {
+  for (const auto& c : cases())
+    if (c.at("name") == name) return &c;
+  return nullptr;
+}
+
+at::Tensor GoldenSet::tensor(const std::string& name) const {
+  if (!tensors_->contains(name)) {
+    ADD_FAILURE() << dir_ << "/cases.safetensors has no tensor '" << name << "'";
+    return {};
+  }
+  return tensors_->tensor(name);
+}
+
+ParityCase::ParityCase(std::string component, std::string case_name)
+    : component_(std::move(component)), case_name_(std::move(case_name)) {}
+
+ParityCase::~ParityCase() {
+  if (!finished_) finish();
+}
+
+void ParityCase::compare(const std::string& output, const at::Tensor& got, const at::Tensor& want, double atol,
+                         double rtol) {
+  atol_ = std::max(atol_, atol);
+  if (!got.defined() || !want.defined() || !got.sizes().equals(want.sizes())) {
+    pass_ = false;
+    ADD_FAILURE() << component_ << "/" << case_name_ << " " << output << ": shape "
+                  << (got.defined() ? got.sizes() : at::IntArrayRef{}) << " vs expected "
+                  << (want.defined() ? want.sizes() : at::IntArrayRef{});
+    return;
+  }
+  const auto g = got.detach().to(at::kCPU, at::kDouble);
+  const auto w = want.detach().to(at::kCPU, at::kDouble);
+  const auto diff = (g - w).abs();
+  const double max_err = diff.numel() ? diff.max().item<double>() : 0.0;
+  const bool finite = g.isfinite().all().item<bool>() || !w.isfinite().all().item<bool>();
+  const auto bound = atol + rtol * w.abs();
+  const bool ok = finite && diff.le(bound).all().item<bool>();
+  max_abs_err_ = std::max(max_abs_err_, std::isnan(max_err) ? INFINITY : max_err);
+  if (!ok) {
+    pass_ = false;
+    ADD_FAILURE() << component_ << "/" << case_name_ << " " << output << ": max_abs_err " << max_err
+                  << " exceeds atol " << atol << " + rtol " << rtol << " * |want|";
+  }
+}
+
+void ParityCase::compare_exact(const std::string& output, const at::Tensor& got, const at::Tensor& want) {
+  const bool ok = got.defined() && want.defined() && got.sizes().equals(want.sizes()) &&
+                  got.to(at::kLong).equal(want.to(at::kLong));
+  if (!ok) {
+    pass_ = false;
+    max_abs_err_ = INFINITY;
+    ADD_FAILURE() << component_ << "/" << case_name_ << " " << output << ": got " << got << " expected " << want;
+  }
+}
+
+bool ParityCase::finish() {
+  finished_ = true;
+  std::printf("PARITY %s/%s max_abs_err=%.3g atol=%.3g %s\n", component_.c_str(), case_name_.c_str(), max_abs_err_,
+              atol_, pass_ ? "PASS" : "FAIL");
+  std::fflush(stdout);
+  return pass_;
+}
+
+}  // namespace voken::test
