@@ -3,6 +3,7 @@
 find_package(Torch REQUIRED)
 find_package(nlohmann_json 3.9 REQUIRED)
 find_package(Threads REQUIRED)
+find_package(ZLIB REQUIRED)
 
 # No sentencepiece library: Debian's libsentencepiece.so embeds its own copy of protobuf-lite and
 # exports those symbols, which clash with the libprotobuf that libtorch loads (segfault in static

@@ -6,7 +6,7 @@ VOKEN_APT_PACKAGES=(
   libtorch-dev libopenblas0-pthread
   pybind11-dev python3-dev
   libopencv-core-dev libopencv-imgproc-dev libopencv-imgcodecs-dev
-  nlohmann-json3-dev libgtest-dev libgmock-dev
+  nlohmann-json3-dev zlib1g-dev libgtest-dev libgmock-dev
   python3-torch python3-numpy python3-pytest python3-pil python3-sentencepiece
   python3-nbclient python3-ipykernel
 )

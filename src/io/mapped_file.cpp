@@ -39,6 +39,11 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
   return std::shared_ptr<MappedFile>(new MappedFile(path, data, size));
 }
 
+void MappedFile::advise_random_access(bool random) const {
+  if (data_ != nullptr)
+    ::madvise(data_, size_, random ? MADV_RANDOM : MADV_NORMAL);  // a hint: failure is harmless
+}
+
 MappedFile::~MappedFile() {
   if (data_ != nullptr) ::munmap(data_, size_);
 }

@@ -25,6 +25,11 @@ class MappedFile {
   std::size_t size() const { return size_; }
   const std::string& path() const { return path_; }
 
+  // Readahead hint. Parsing an index that is spread over the file (zip local headers, one per
+  // tensor record) with the default readahead pulls megabytes around every header on a cold
+  // cache; callers switch to random access while parsing and back to normal for bulk reads.
+  void advise_random_access(bool random) const;
+
  private:
   MappedFile(std::string path, uint8_t* data, std::size_t size)
       : path_(std::move(path)), data_(data), size_(size) {}

@@ -68,11 +68,12 @@ const PyObject* PyObjects::find(PyRef dict, const std::string& key) const {
 bool is_denied_global(const std::string& module, const std::string& name) {
   // Modules whose names can reach the OS, the interpreter or arbitrary code.
   static const char* const kDeniedModules[] = {
-      "os",        "posix",   "nt",         "subprocess",      "sys",      "shutil",  "socket",
-      "importlib", "runpy",   "pickle",     "_pickle",         "marshal",  "ctypes",  "code",
-      "codeop",    "pty",     "webbrowser", "multiprocessing", "signal",   "types",   "functools",
-      "operator",  "io",      "_io",        "pathlib._local",  "platform", "inspect", "threading",
-      "_thread",   "asyncio", "pdb",        "timeit",          "bdb",      "ast"};
+      "os",       "posix",     "nt",        "subprocess", "sys",        "shutil",
+      "socket",   "importlib", "runpy",     "pickle",     "_pickle",    "marshal",
+      "ctypes",   "code",      "codeop",    "pty",        "webbrowser", "multiprocessing",
+      "signal",   "types",     "functools", "operator",   "io",         "_io",
+      "platform", "inspect",   "threading", "_thread",    "asyncio",    "pdb",
+      "timeit",   "bdb",       "ast"};
   const std::string root = module.substr(0, module.find('.'));
   for (const char* denied : kDeniedModules)
     if (module == denied || root == denied) return true;
@@ -225,6 +226,16 @@ class Machine {
     return items;
   }
   PyObject& object(PyRef ref) { return objects_[ref]; }
+
+  // Copies of containers (list(x), tuple(x)) cost work not bounded by the pickle's size; a
+  // budget keeps hostile files from making loading quadratic.
+  void charge(std::size_t items) {
+    work_ += items;
+    if (work_ > kWorkBudget)
+      fail(position_, "pickle copies more than " + std::to_string(kWorkBudget) + " items");
+  }
+  static constexpr std::size_t kWorkBudget = std::size_t(1) << 28;
+  std::size_t work_ = 0;
   PyObject& expect(PyRef ref, PyKind kind, const char* what) {
     PyObject& o = objects_[ref];
     if (o.kind != kind)
@@ -303,25 +314,27 @@ class Machine {
     const auto sizes = int_tuple(args[2], "tensor size");
     const auto strides = int_tuple(args[3], "tensor stride");
     const int64_t storage_numel = storage.tensor.numel();
-    const std::string what = "tensor of size " + shape_string(sizes) + " stride " + shape_string(strides) +
-                             " offset " + std::to_string(offset) + " on a storage of " +
-                             std::to_string(storage_numel) + " elements";
-    if (sizes.size() != strides.size()) fail(position_, what + ": size and stride ranks differ");
-    if (offset < 0) fail(position_, what + ": negative offset");
+    // Built only when something is wrong: successful loads should not pay for the message.
+    const auto what = [&] {
+      return "tensor of size " + shape_string(sizes) + " stride " + shape_string(strides) + " offset " +
+             std::to_string(offset) + " on a storage of " + std::to_string(storage_numel) + " elements";
+    };
+    if (sizes.size() != strides.size()) fail(position_, what() + ": size and stride ranks differ");
+    if (offset < 0) fail(position_, what() + ": negative offset");
     int64_t last = offset;  // highest element index addressed
     bool empty = false;
     for (std::size_t d = 0; d < sizes.size(); ++d) {
-      if (sizes[d] < 0 || strides[d] < 0) fail(position_, what + ": negative size or stride");
+      if (sizes[d] < 0 || strides[d] < 0) fail(position_, what() + ": negative size or stride");
       if (sizes[d] == 0) empty = true;
     }
     if (!empty) {
       for (std::size_t d = 0; d < sizes.size(); ++d) {
         const int64_t span = sizes[d] - 1;
         if (strides[d] != 0 && span > (std::numeric_limits<int64_t>::max() - last) / strides[d])
-          fail(position_, what + ": extent overflows");
+          fail(position_, what() + ": extent overflows");
         last += span * strides[d];
       }
-      if (last >= storage_numel) fail(position_, what + ": addresses elements past the storage");
+      if (last >= storage_numel) fail(position_, what() + ": addresses elements past the storage");
     }
     PyObject result = make(PyKind::Tensor);
     result.tensor = empty ? at::empty(sizes, storage.tensor.options())
@@ -342,6 +355,8 @@ class Machine {
       // (func, type, args, state): a tensor subclass; the data is what func rebuilds.
       if (args.size() < 3) fail(position_, callable + " needs func, type, args");
       const PyObject& func = expect(args[0], PyKind::Global, "rebuild function");
+      if (func.str.rfind("torch._tensor._rebuild_from_type", 0) == 0)
+        fail(position_, callable + " nested in itself");  // bounded recursion on hostile input
       const PyObject& inner = expect(args[2], PyKind::Tuple, "rebuild arguments");
       const std::string name = func.str;
       const std::vector<PyRef> inner_args = inner.items;
@@ -370,6 +385,7 @@ class Machine {
         const PyObject& source = objects_[args[0]];
         if (source.kind != PyKind::Tuple && source.kind != PyKind::List && source.kind != PyKind::Set)
           fail(position_, callable + " of a " + py_kind_name(source.kind));
+        charge(source.items.size());
         out.items = source.items;
       }
       return out;

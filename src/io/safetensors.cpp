@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -74,10 +75,13 @@ SafetensorsEntry parse_entry(const std::string& path, const std::string& name, c
 
 }  // namespace
 
-SafetensorsFile SafetensorsFile::open(const std::string& path) {
+SafetensorsFile SafetensorsFile::open(const std::string& path) { return open(MappedFile::open(path)); }
+
+SafetensorsFile SafetensorsFile::open(std::shared_ptr<MappedFile> mapped) {
   SafetensorsFile result;
-  result.file_ = MappedFile::open(path);
+  result.file_ = std::move(mapped);
   const auto& file = *result.file_;
+  const std::string& path = file.path();
   if (file.size() < 8)
     throw FormatError(path + ": not a safetensors file (" + std::to_string(file.size()) +
                       " bytes, shorter than the 8-byte header length)");
@@ -158,7 +162,9 @@ void write_safetensors(const std::string& path,
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');  // keep the byte buffer 8-byte aligned
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  // Written under a temporary name and renamed when complete (see ZipWriter).
+  const std::string partial = path + ".partial";
+  std::ofstream out(partial, std::ios::binary | std::ios::trunc);
   if (!out) throw FormatError("cannot write " + path);
   uint8_t length[8];
   for (int i = 0; i < 8; ++i) length[i] = static_cast<uint8_t>(uint64_t(text.size()) >> (8 * i));
@@ -167,7 +173,11 @@ void write_safetensors(const std::string& path,
   for (const auto& t : contiguous)
     out.write(static_cast<const char*>(t.data_ptr()),
               static_cast<std::streamsize>(t.numel() * t.element_size()));
-  if (!out.flush()) throw FormatError("error while writing " + path);
+  out.close();
+  if (!out || std::rename(partial.c_str(), path.c_str()) != 0) {
+    std::remove(partial.c_str());
+    throw FormatError("error while writing " + path);
+  }
 }
 
 }  // namespace voken::io

@@ -27,6 +27,7 @@ class SafetensorsFile {
  public:
   // Maps the file and validates the whole header (every error names the file and tensor).
   static SafetensorsFile open(const std::string& path);
+  static SafetensorsFile open(std::shared_ptr<MappedFile> file);
 
   const std::string& path() const { return file_->path(); }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }

@@ -47,20 +47,15 @@ constexpr const char* kDirectoryCheckpoints[] = {
 };
 
 void load_file_into(StateDict& out, const std::string& path, const std::string& inner_key) {
-  bool torch_format = false;
-  if (!ends_with(path, ".safetensors")) {
-    auto file = MappedFile::open(path);
-    torch_format = file->size() >= 2 && file->data()[0] == 'P' && file->data()[1] == 'K';
-    torch_format = torch_format || (file->size() >= 2 && file->data()[0] == 0x80);  // legacy pickle
-  }
-  if (torch_format) {
-    const TorchFile file = load_torch_file(path);
+  auto mapped = MappedFile::open(path);
+  if (is_torch_file(*mapped)) {
+    const TorchFile file = load_torch_file(mapped);
     for (auto& [name, tensor] : torch_state_dict(file, inner_key)) out.insert(name, tensor, path);
     return;
   }
   SafetensorsFile file = [&] {
     try {
-      return SafetensorsFile::open(path);
+      return SafetensorsFile::open(std::move(mapped));
     } catch (const FormatError& e) {
       if (ends_with(path, ".safetensors")) throw;
       throw FormatError(path + ": neither a torch.save zip checkpoint nor a safetensors file (" + e.what() +

@@ -24,9 +24,11 @@ struct TorchFile {
 // Throws FileNotFoundError, or FormatError for legacy (pre-zip) torch files, TorchScript
 // archives, compressed or out-of-range records, unsafe or unsupported pickles.
 TorchFile load_torch_file(const std::string& path);
+TorchFile load_torch_file(const std::shared_ptr<MappedFile>& file);
 
-// True if the file starts like a zip archive (what torch.save writes).
-bool looks_like_torch_zip(const std::string& path);
+// True if the file starts like something torch.save wrote: a zip archive, or the exact
+// signature of the legacy format (which load_torch_file then refuses with an explanation).
+bool is_torch_file(const MappedFile& file);
 
 // Extracts the tensors of a state dict from a loaded checkpoint, in pickle order:
 // `inner_key` empty = auto: the root dict when its values are tensors, else the first of

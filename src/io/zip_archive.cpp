@@ -1,6 +1,9 @@
 #include "io/zip_archive.h"
 
-#include <array>
+#include <zlib.h>
+
+#include <algorithm>
+#include <cstdio>
 #include <cstring>
 
 #include "voken/error.h"
@@ -34,19 +37,15 @@ class Reader {
 }  // namespace
 
 uint32_t crc32(const void* data, std::size_t size, uint32_t crc) {
-  static const std::array<uint32_t, 256> table = [] {
-    std::array<uint32_t, 256> t{};
-    for (uint32_t i = 0; i < 256; ++i) {
-      uint32_t c = i;
-      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xedb88320u ^ (c >> 1) : c >> 1;
-      t[i] = c;
-    }
-    return t;
-  }();
-  crc = ~crc;
-  const auto* bytes = static_cast<const uint8_t*>(data);
-  for (std::size_t i = 0; i < size; ++i) crc = table[(crc ^ bytes[i]) & 0xff] ^ (crc >> 8);
-  return ~crc;
+  // zlib's is table-driven over several bytes at a time; checksums gate writing speed.
+  const auto* bytes = static_cast<const Bytef*>(data);
+  while (size > 0) {
+    const auto chunk = static_cast<uInt>(std::min<std::size_t>(size, 1u << 30));
+    crc = static_cast<uint32_t>(::crc32(crc, bytes, chunk));
+    bytes += chunk;
+    size -= chunk;
+  }
+  return crc;
 }
 
 ZipArchive ZipArchive::open(std::shared_ptr<MappedFile> file) {
@@ -138,8 +137,15 @@ void put(std::string& out, uint64_t value, int bytes) {
 }
 }  // namespace
 
-ZipWriter::ZipWriter(const std::string& path) : path_(path), out_(path, std::ios::binary | std::ios::trunc) {
+// Written under a temporary name and renamed when complete: a process that has the old file
+// mapped keeps its pages, and a failure never leaves a truncated checkpoint behind.
+ZipWriter::ZipWriter(const std::string& path)
+    : path_(path), out_(path + ".partial", std::ios::binary | std::ios::trunc) {
   if (!out_) throw FormatError("cannot write " + path);
+}
+
+ZipWriter::~ZipWriter() {
+  if (!finished_) std::remove((path_ + ".partial").c_str());
 }
 
 void ZipWriter::write(const void* data, std::size_t size) {
@@ -247,6 +253,8 @@ void ZipWriter::finish() {
   out_.flush();
   if (!out_) throw FormatError("error while writing " + path_);
   out_.close();
+  if (std::rename((path_ + ".partial").c_str(), path_.c_str()) != 0)
+    throw FormatError("cannot rename " + path_ + ".partial to " + path_);
   finished_ = true;
 }
 

@@ -39,6 +39,9 @@ class ZipArchive {
 class ZipWriter {
  public:
   explicit ZipWriter(const std::string& path);
+  ~ZipWriter();
+  ZipWriter(const ZipWriter&) = delete;
+  ZipWriter& operator=(const ZipWriter&) = delete;
   void add(const std::string& name, const void* data, std::size_t size);
   void finish();  // writes the central directory; the file is complete after this
 
