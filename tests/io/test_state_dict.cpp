@@ -133,6 +133,20 @@ TEST(StateDict, MissingPathAndGarbageFiles) {
   }
 }
 
+TEST(StateDict, SafetensorsWhoseHeaderLengthStartsWith0x80IsNotMistakenForATorchFile) {
+  // The first byte of a safetensors file is the low byte of its header length; 0x80 is also
+  // the first byte of a pickle, so sniffing must look for torch's full signatures.
+  std::string header = R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
+  header.append(128 - header.size(), ' ');
+  std::string bytes(1, '\x80');
+  bytes.append(7, '\0');
+  bytes += header + std::string(8, '\0');
+  TempDir dir;
+  test::write_file(dir.file("weights.bin"), bytes);
+  const auto state = StateDict::load(dir.file("weights.bin"));
+  EXPECT_TRUE(test::bit_equal(state.at("w"), at::zeros({2})));
+}
+
 TEST(StateDict, PrefixViewsAndRenames) {
   TempDir dir;
   write_safetensors(dir.file("m.safetensors"), small_model());
