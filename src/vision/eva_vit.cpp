@@ -6,9 +6,9 @@
 #include <cmath>
 #include <regex>
 #include <set>
-#include <sstream>
 #include <string>
 
+#include "io/tensor_bytes.h"
 #include "voken/error.h"
 
 namespace voken::vision {
@@ -25,12 +25,6 @@ int64_t integer_sqrt(int64_t n) {
   while (root * root > n) --root;
   while ((root + 1) * (root + 1) <= n) ++root;
   return root;
-}
-
-std::string shape_text(at::IntArrayRef sizes) {
-  std::ostringstream out;
-  out << sizes;
-  return out.str();
 }
 
 }  // namespace
@@ -95,7 +89,7 @@ at::Tensor interpolate_pos_embed(const at::Tensor& pos_embed, int64_t num_patche
   if (pos_embed.dim() != 3 || pos_embed.size(0) != 1 || pos_embed.size(1) < num_extra_tokens)
     throw ArgumentError("interpolate_pos_embed: expected a position embedding [1, " +
                         std::to_string(num_extra_tokens) + " + s*s, D], found " +
-                        shape_text(pos_embed.sizes()));
+                        io::shape_string(pos_embed.sizes()));
   const auto source = pos_embed.to(at::kFloat);
   const int64_t width = source.size(2);
   const int64_t old_grid = integer_sqrt(source.size(1) - num_extra_tokens);
@@ -162,7 +156,7 @@ EvaVit::EvaVit(const EvaVitConfig& config, io::WeightLoader& weights) {
         pos_embed_ = io::convert_weight(
             interpolate_pos_embed(weights.weights().at("pos_embed"), grid_ * grid_), weights.options());
       } catch (const ArgumentError& e) {
-        throw WeightsError("EVA ViT: cannot resize pos_embed " + shape_text(at::IntArrayRef(*stored)) +
+        throw WeightsError("EVA ViT: cannot resize pos_embed " + io::shape_string(at::IntArrayRef(*stored)) +
                            " from " + weights.weights().source_of("pos_embed") + " to " +
                            std::to_string(tokens) + " tokens: " + e.what());
       }
@@ -235,9 +229,10 @@ at::Tensor EvaVit::forward(const at::Tensor& pixels) const {
   c10::InferenceMode guard;
   if (!pixels.defined() || pixels.dim() != 4 || pixels.size(1) != in_channels_ ||
       pixels.size(2) != img_size_ || pixels.size(3) != img_size_)
-    throw ArgumentError("EVA ViT: expected pixels [B, " + std::to_string(in_channels_) + ", " +
-                        std::to_string(img_size_) + ", " + std::to_string(img_size_) + "], found " +
-                        (pixels.defined() ? shape_text(pixels.sizes()) : std::string("an undefined tensor")));
+    throw ArgumentError(
+        "EVA ViT: expected pixels [B, " + std::to_string(in_channels_) + ", " + std::to_string(img_size_) +
+        ", " + std::to_string(img_size_) + "], found " +
+        (pixels.defined() ? io::shape_string(pixels.sizes()) : std::string("an undefined tensor")));
   if (!at::isFloatingType(pixels.scalar_type()))
     throw ArgumentError(std::string("EVA ViT: pixels must be a floating-point tensor, found ") +
                         c10::toString(pixels.scalar_type()));

@@ -3,19 +3,13 @@
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
 
-#include <sstream>
 #include <vector>
 
+#include "io/tensor_bytes.h"
 #include "voken/error.h"
 
 namespace voken::vision {
 namespace {
-
-std::string shape_text(at::IntArrayRef sizes) {
-  std::ostringstream out;
-  out << sizes;
-  return out.str();
-}
 
 QFormerConfig qformer_config_for(const ImageEncoderConfig& config, const EvaVit& vit) {
   QFormerConfig qformer = config.qformer;
@@ -134,8 +128,9 @@ ImageEncoder ImageEncoder::load(const ImageEncoderFiles& files, const ImageEncod
 at::Tensor ImageEncoder::apply_ln_vision(const at::Tensor& vit_tokens) const {
   c10::InferenceMode guard;
   if (!vit_tokens.defined() || vit_tokens.dim() < 1 || vit_tokens.size(-1) != vit_.width())
-    throw ArgumentError("ln_vision: expected tokens [..., " + std::to_string(vit_.width()) + "], found " +
-                        (vit_tokens.defined() ? shape_text(vit_tokens.sizes()) : std::string("undefined")));
+    throw ArgumentError(
+        "ln_vision: expected tokens [..., " + std::to_string(vit_.width()) + "], found " +
+        (vit_tokens.defined() ? io::shape_string(vit_tokens.sizes()) : std::string("undefined")));
   const auto x = vit_tokens.to(ln_weight_.device(), at::kFloat);
   return at::layer_norm(x, {vit_.width()}, ln_weight_, ln_bias_, ln_eps_).to(vit_tokens.scalar_type());
 }
@@ -146,7 +141,7 @@ at::Tensor ImageEncoder::project(const at::Tensor& qformer_output) const {
       qformer_output.size(-1) != projection_weight_.size(1))
     throw ArgumentError(
         "llama_proj: expected features [..., " + std::to_string(projection_weight_.size(1)) + "], found " +
-        (qformer_output.defined() ? shape_text(qformer_output.sizes()) : std::string("undefined")));
+        (qformer_output.defined() ? io::shape_string(qformer_output.sizes()) : std::string("undefined")));
   const auto x = qformer_output.to(projection_weight_.device(), projection_weight_.scalar_type());
   return at::linear(x, projection_weight_, projection_bias_);
 }

@@ -5,8 +5,8 @@
 
 #include <cmath>
 #include <regex>
-#include <sstream>
 
+#include "io/tensor_bytes.h"
 #include "voken/error.h"
 
 namespace voken::vision {
@@ -15,12 +15,6 @@ namespace {
 std::optional<int64_t> optional_int(const io::JsonView& view, const std::string& key) {
   if (!view.has(key)) return std::nullopt;
   return view.get<int64_t>(key);
-}
-
-std::string shape_text(at::IntArrayRef sizes) {
-  std::ostringstream out;
-  out << sizes;
-  return out.str();
 }
 
 std::string escape_regex(const std::string& text) {
@@ -217,7 +211,7 @@ at::Tensor QFormer::forward(const at::Tensor& image_embeds) const {
       image_embeds.size(1) < 1)
     throw ArgumentError(
         "Q-Former: expected image_embeds [B, N, " + std::to_string(encoder_width_) + "], found " +
-        (image_embeds.defined() ? shape_text(image_embeds.sizes()) : std::string("undefined")));
+        (image_embeds.defined() ? io::shape_string(image_embeds.sizes()) : std::string("undefined")));
   if (!at::isFloatingType(image_embeds.scalar_type()))
     throw ArgumentError("Q-Former: image_embeds must be floating-point");
   const int64_t batch = image_embeds.size(0);
