@@ -279,10 +279,13 @@ at::Tensor VokenMapper::negative(int64_t batch) const {
   c10::InferenceMode guard;
   if (batch < 1)
     throw ArgumentError("voken mapper: negative() batch must be >= 1, got " + std::to_string(batch));
-  const auto zeros =
-      at::zeros({1, img_token_num_, llm_dim_}, at::TensorOptions().dtype(dtype()).device(device()));
-  const auto single = run(zeros).mapping_feature;
-  return batch == 1 ? single : single.expand({batch, prompt_len_, sd_dim_}).contiguous();
+  std::call_once(negative_cache_->once, [&] {
+    const auto zeros =
+        at::zeros({1, img_token_num_, llm_dim_}, at::TensorOptions().dtype(dtype()).device(device()));
+    negative_cache_->value = run(zeros).mapping_feature;
+  });
+  const auto& single = negative_cache_->value;
+  return batch == 1 ? single.clone() : single.expand({batch, prompt_len_, sd_dim_}).contiguous();
 }
 
 }  // namespace voken::mapping

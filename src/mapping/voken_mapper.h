@@ -15,6 +15,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -73,7 +75,8 @@ class VokenMapper {
   // map() with every intermediate.
   MapperOutputs forward(const at::Tensor& voken_hidden) const;
   // The classifier-free-guidance negative (upstream USE_CFG): the mapping of all-zero voken
-  // features [1, img_token_num, llm_dim], repeated to [batch, prompt_len, sd_dim].
+  // features [1, img_token_num, llm_dim], repeated to [batch, prompt_len, sd_dim]. It depends on
+  // the weights only, so it is computed once per mapper (thread-safe) and copied out.
   at::Tensor negative(int64_t batch = 1) const;
 
   int64_t llm_dim() const { return llm_dim_; }
@@ -129,6 +132,14 @@ class VokenMapper {
   std::vector<EncoderLayer> encoder_;
   std::vector<DecoderLayer> decoder_;
   Norm encoder_norm_, decoder_norm_;
+
+  // negative()'s [1, prompt_len, sd_dim], computed on first use; shared by copies of the mapper,
+  // which share the weights too.
+  struct NegativeCache {
+    std::once_flag once;
+    at::Tensor value;
+  };
+  std::shared_ptr<NegativeCache> negative_cache_ = std::make_shared<NegativeCache>();
 };
 
 }  // namespace voken::mapping

@@ -2,6 +2,7 @@
 // torch's nn.Transformer for a non-default shape), strict weight checking within its own keys,
 // options and input validation, bf16 weights, the CFG negative, and stage-2 overrides.
 #include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
 #include <gtest/gtest.h>
 
 #include <iostream>
@@ -225,6 +226,13 @@ TEST(VokenMapper, NegativeIsTheMappingOfZeroVokens) {
   ASSERT_EQ(negative.sizes(), (at::IntArrayRef{3, 7, 16}));
   const auto zeros_mapped = mapper.map(at::zeros({1, mapper.img_token_num(), 24}));
   for (int64_t i = 0; i < 3; ++i) EXPECT_TRUE(test::bit_equal(negative[i], zeros_mapped[0]));
+  // Computed once and handed out as copies: changing one does not change the next.
+  auto first = mapper.negative(1);
+  {
+    c10::InferenceMode inference;  // the mapper's outputs are inference tensors
+    first.add_(1.0);
+  }
+  EXPECT_TRUE(test::bit_equal(mapper.negative(1), zeros_mapped));
   // A real voken set maps elsewhere.
   EXPECT_GT(max_abs_diff(mapper.map(random_vokens(1, 8, 24, 3)), zeros_mapped), 1e-3);
 }
@@ -251,7 +259,8 @@ TEST(VokenMapper, Bfloat16WeightsStayCloseToFloat32) {
   // bf16 keeps 8 mantissa bits (relative step 2^-8); through 5 layers of LayerNorm-ed values of
   // magnitude ~3 the error stays well under 0.15, while unrelated outputs differ by ~1.
   const double err = max_abs_diff(got, want);
-  std::cout << "bf16 vs fp32 max_abs_err=" << err << " (max |fp32| " << want.abs().max().item<double>() << ")\n";
+  std::cout << "bf16 vs fp32 max_abs_err=" << err << " (max |fp32| " << want.abs().max().item<double>()
+            << ")\n";
   EXPECT_LE(err, 0.15);
   EXPECT_GT(err, 0.0);  // the weights really were converted
 }
