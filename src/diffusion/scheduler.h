@@ -109,14 +109,17 @@ struct SchedulerConfig {
   // Reads a diffusers scheduler config. `kind`: build this class instead of `_class_name`
   // (keys the file does not set then take that class's defaults). An unknown or missing
   // `_class_name` without `kind` is a ConfigError naming it; bad values are ConfigErrors naming
-  // the source and key. Python's JSON extensions NaN/Infinity/-Infinity are accepted.
+  // the source and key. Float fields also take the strings "Infinity", "-Infinity", "NaN".
   static SchedulerConfig from_json(const io::JsonView& json,
                                    std::optional<SchedulerKind> kind = std::nullopt);
   // `path`: a scheduler_config.json, a directory holding one, or a diffusers pipeline directory
-  // (reads scheduler/scheduler_config.json).
+  // (reads scheduler/scheduler_config.json). Python's json extensions (e.g. DPM-Solver's
+  // `"lambda_min_clipped": -Infinity`) are accepted.
   static SchedulerConfig from_file(const std::string& path, std::optional<SchedulerKind> kind = std::nullopt);
   // The same file read for another class, like diffusers' `Other.from_config(config)`. Changes
-  // made to this object's fields are not carried over: set them on the result.
+  // made to this object's fields are not carried over: set them on the result (like
+  // from_config's keyword arguments). A config built in code has no file keys: as_kind then gives
+  // the other class's defaults.
   SchedulerConfig as_kind(SchedulerKind other) const;
   // Re-checks the fields of `kind` (for configs edited in code); ConfigError naming the field.
   void validate() const;
@@ -125,8 +128,9 @@ struct SchedulerConfig {
   io::Json file_fields_ = io::Json::object();  // the keys the file set (for as_kind)
 };
 
-// Per-step arguments. Stochastic steps use `noise` if defined (shape of model_output), else
-// draw from `generator`.
+// Per-step arguments. Stochastic steps use `noise` if defined (shape of model_output; it wins
+// over `generator`), else draw from `generator`. Euler's s_churn/s_tmin/s_tmax/s_noise are not
+// offered (the pipelines never pass them: churn 0).
 struct StepOptions {
   c10::optional<at::Generator> generator;
   at::Tensor noise;
