@@ -35,7 +35,9 @@ std::optional<int64_t> stored_size(const io::WeightLoader& weights, const std::s
 
 // Number of nn.TransformerEncoder/DecoderLayer modules in the checkpoint: one more than the
 // highest index under `<prefix>layers.`. Gaps are left for take() to report as missing keys, and
-// a stack with no layer at all still builds layer 0, so that its keys are reported too.
+// a stack with no layer at all still builds layer 0, so that its keys are reported too. Indices
+// beyond 999 are not counted (their keys end up "unexpected"), so that a corrupt key cannot make
+// the loader build, and report, a million missing layers.
 int64_t count_layers(const io::WeightLoader& weights, const std::string& stack_prefix) {
   const std::string prefix = stack_prefix + "layers.";
   int64_t count = 1;
@@ -44,7 +46,7 @@ int64_t count_layers(const io::WeightLoader& weights, const std::string& stack_p
     const auto end = name.find('.', prefix.size());
     const auto index =
         name.substr(prefix.size(), end == std::string::npos ? std::string::npos : end - prefix.size());
-    if (index.empty() || index.size() > 6 || index.find_first_not_of("0123456789") != std::string::npos)
+    if (index.empty() || index.size() > 3 || index.find_first_not_of("0123456789") != std::string::npos)
       continue;
     count = std::max<int64_t>(count, std::stoll(index) + 1);
   }

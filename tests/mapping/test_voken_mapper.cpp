@@ -159,11 +159,14 @@ TEST(VokenMapper, ReportsEveryWeightProblemAtOnce) {
   }
   tensors.emplace_back("llm_to_t2i_mapping.encoder.layers.0.extra_scale", at::ones({16}));
   tensors.emplace_back("fc.1.weight", at::ones({16}));
+  // A corrupt layer index is one unexpected key, not a million missing layers.
+  tensors.emplace_back("llm_to_t2i_mapping.decoder.layers.123456.norm1.weight", at::ones({16}));
   const auto message = message_of<WeightsError>(
       [&] { VokenMapper::load(to_state_dict(tensors, "stage1.ckpt"), four_heads()); });
-  for (const char* expected : {"missing (2)", "fc.2.bias", "llm_to_t2i_mapping.decoder.layers.1.norm3.bias",
-                               "wrong shape (1)", "llm_to_t2i_mapping.encoder.layers.1.linear2.weight",
-                               "unexpected (2)", "encoder.layers.0.extra_scale", "fc.1.weight"})
+  for (const char* expected :
+       {"missing (2)", "fc.2.bias", "llm_to_t2i_mapping.decoder.layers.1.norm3.bias", "wrong shape (1)",
+        "llm_to_t2i_mapping.encoder.layers.1.linear2.weight", "unexpected (3)",
+        "encoder.layers.0.extra_scale", "fc.1.weight", "decoder.layers.123456.norm1.weight"})
     EXPECT_NE(message.find(expected), std::string::npos) << expected << " not in: " << message;
   EXPECT_EQ(message.find("llama_model"), std::string::npos) << message;
 }
