@@ -29,6 +29,20 @@ int64_t integer_sqrt(int64_t n) {
 
 }  // namespace
 
+at::Tensor layer_norm_float32(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                              double eps) {
+  if (x.scalar_type() == at::kFloat) return at::layer_norm(x, {x.size(-1)}, weight, bias, eps);
+  return at::layer_norm(x.to(at::kFloat), {x.size(-1)}, weight, bias, eps).to(x.scalar_type());
+}
+
+at::Tensor take_float32(io::WeightLoader& weights, const std::string& name,
+                        const std::vector<int64_t>& shape) {
+  const auto taken = weights.take(name, shape);
+  const auto stored = weights.shape_of(name);
+  if (!stored || *stored != shape) return taken.to(at::kFloat);  // a placeholder; finish() reports it
+  return io::convert_weight(weights.weights().at(name), {at::kFloat, weights.options().device});
+}
+
 EvaVitConfig EvaVitConfig::from_json(const io::JsonView& vision) {
   EvaVitConfig config;
   config.img_size = vision.get_or<int64_t>("img_size", config.img_size);
@@ -169,8 +183,8 @@ EvaVit::EvaVit(const EvaVitConfig& config, io::WeightLoader& weights) {
   for (int64_t i = 0; i < config.depth; ++i) {
     const std::string p = "blocks." + std::to_string(i) + ".";
     Block block;
-    block.norm1_weight = weights.take(p + "norm1.weight", {width_});
-    block.norm1_bias = weights.take(p + "norm1.bias", {width_});
+    block.norm1_weight = take_float32(weights, p + "norm1.weight", {width_});
+    block.norm1_bias = take_float32(weights, p + "norm1.bias", {width_});
     block.qkv_weight = weights.take(p + "attn.qkv.weight", {3 * attn_width, width_});
     const auto q_bias = weights.take(p + "attn.q_bias", {attn_width});
     const auto v_bias = weights.take(p + "attn.v_bias", {attn_width});
@@ -178,8 +192,8 @@ EvaVit::EvaVit(const EvaVitConfig& config, io::WeightLoader& weights) {
     block.qkv_bias = at::cat({q_bias, at::zeros_like(v_bias), v_bias}).contiguous();
     block.proj_weight = weights.take(p + "attn.proj.weight", {width_, attn_width});
     block.proj_bias = weights.take(p + "attn.proj.bias", {width_});
-    block.norm2_weight = weights.take(p + "norm2.weight", {width_});
-    block.norm2_bias = weights.take(p + "norm2.bias", {width_});
+    block.norm2_weight = take_float32(weights, p + "norm2.weight", {width_});
+    block.norm2_bias = take_float32(weights, p + "norm2.bias", {width_});
     block.fc1_weight = weights.take(p + "mlp.fc1.weight", {mlp_hidden_, width_});
     block.fc1_bias = weights.take(p + "mlp.fc1.bias", {mlp_hidden_});
     block.fc2_weight = weights.take(p + "mlp.fc2.weight", {width_, mlp_hidden_});
@@ -204,22 +218,22 @@ EvaVit::EvaVit(const EvaVitConfig& config, io::WeightLoader& weights) {
 
 at::Tensor EvaVit::block_forward(const Block& block, const at::Tensor& x) const {
   const int64_t batch = x.size(0), tokens = x.size(1);
-  auto h = at::layer_norm(x, {width_}, block.norm1_weight, block.norm1_bias, eps_);
-  // [B, T, 3, heads, head_dim] -> [3, B, heads, T, head_dim]
+  auto h = layer_norm_float32(x, block.norm1_weight, block.norm1_bias, eps_);
+  // [B, T, 3, heads, head_dim] -> [3, B, heads, T, head_dim], copied once so that the batched
+  // products below read contiguous heads (cheaper than letting each matmul copy its operand).
   const auto qkv = at::linear(h, block.qkv_weight, block.qkv_bias)
                        .view({batch, tokens, 3, num_heads_, head_dim_})
-                       .permute({2, 0, 3, 1, 4});
+                       .permute({2, 0, 3, 1, 4})
+                       .contiguous();
   // Upstream scales q before the product (not the scores); same rounding here.
   const auto q = qkv[0] * scale_;
-  const auto k = qkv[1];
-  const auto v = qkv[2];
-  auto probs = at::matmul(q, k.transpose(-2, -1));
-  // Softmax in float32 also for bf16 activations: it is cheap and keeps the probabilities exact
-  // to float precision (a no-op cast in the float32 path).
-  probs = at::softmax(probs, -1, at::kFloat).to(x.scalar_type());
-  const auto context = at::matmul(probs, v).transpose(1, 2).reshape({batch, tokens, num_heads_ * head_dim_});
+  // The softmax runs in the activation dtype: libtorch accumulates bf16 in float internally, and
+  // the probabilities are rounded to that dtype for the next product anyway.
+  const auto probs = at::softmax(at::matmul(q, qkv[1].transpose(-2, -1)), -1);
+  const auto context =
+      at::matmul(probs, qkv[2]).transpose(1, 2).reshape({batch, tokens, num_heads_ * head_dim_});
   auto out = x + at::linear(context, block.proj_weight, block.proj_bias);
-  h = at::layer_norm(out, {width_}, block.norm2_weight, block.norm2_bias, eps_);
+  h = layer_norm_float32(out, block.norm2_weight, block.norm2_bias, eps_);
   h = at::gelu(at::linear(h, block.fc1_weight, block.fc1_bias));  // exact erf GELU (nn.GELU)
   out.add_(at::linear(h, block.fc2_weight, block.fc2_bias));
   return out;

@@ -18,15 +18,6 @@ QFormerConfig qformer_config_for(const ImageEncoderConfig& config, const EvaVit&
   return qformer;
 }
 
-// A float32 copy of a LayerNorm parameter (upstream's ln_vision runs in float32 whatever the
-// model's dtype): the stored tensor itself, so that a bf16 model does not round it first.
-at::Tensor take_float32(io::WeightLoader& weights, const std::string& name, int64_t size) {
-  const auto taken = weights.take(name, {size});
-  const auto stored = weights.shape_of(name);
-  if (!stored || *stored != std::vector<int64_t>{size}) return taken.to(at::kFloat);  // reported by finish()
-  return io::convert_weight(weights.weights().at(name), {at::kFloat, weights.options().device});
-}
-
 }  // namespace
 
 ImageEncoderConfig ImageEncoderConfig::from_json(const io::JsonView& root) {
@@ -80,8 +71,8 @@ ImageEncoder::ImageEncoder(const ImageEncoderConfig& config, io::WeightLoader& v
                            io::WeightLoader& blip2_weights, io::WeightLoader& projection_weights)
     : vit_(config.vision, vit_weights), qformer_(qformer_config_for(config, vit_), blip2_weights) {
   c10::InferenceMode guard;
-  ln_weight_ = take_float32(blip2_weights, "ln_vision.weight", vit_.width());
-  ln_bias_ = take_float32(blip2_weights, "ln_vision.bias", vit_.width());
+  ln_weight_ = take_float32(blip2_weights, "ln_vision.weight", {vit_.width()});
+  ln_bias_ = take_float32(blip2_weights, "ln_vision.bias", {vit_.width()});
   ln_eps_ = config.ln_vision_eps;
   // Everything else in a BLIP-2 checkpoint (t5_proj/opt_proj, Qformer.cls, a copy of the ViT,
   // ...) belongs to other heads of BLIP-2.

@@ -7,6 +7,7 @@
 #include <regex>
 
 #include "io/tensor_bytes.h"
+#include "vision/eva_vit.h"
 #include "voken/error.h"
 
 namespace voken::vision {
@@ -23,7 +24,7 @@ std::string escape_regex(const std::string& text) {
 }
 
 at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  return at::layer_norm(x, {x.size(-1)}, weight, bias, eps);
+  return layer_norm_float32(x, weight, bias, eps);
 }
 
 }  // namespace
@@ -125,8 +126,8 @@ QFormer::QFormer(const QFormerConfig& config, io::WeightLoader& weights, const s
   }
 
   query_tokens_ = weights.take("query_tokens", {1, num_queries_, hidden_});
-  embed_norm_weight_ = weights.take(prefix + "embeddings.LayerNorm.weight", {hidden_});
-  embed_norm_bias_ = weights.take(prefix + "embeddings.LayerNorm.bias", {hidden_});
+  embed_norm_weight_ = take_float32(weights, prefix + "embeddings.LayerNorm.weight", {hidden_});
+  embed_norm_bias_ = take_float32(weights, prefix + "embeddings.LayerNorm.bias", {hidden_});
 
   layers_.reserve(static_cast<std::size_t>(num_layers));
   for (int64_t i = 0; i < num_layers; ++i) {
@@ -141,8 +142,8 @@ QFormer::QFormer(const QFormerConfig& config, io::WeightLoader& weights, const s
                  weights.take(self + "value.bias", {hidden_})});
     layer.self_out_weight = weights.take(p + "attention.output.dense.weight", {hidden_, hidden_});
     layer.self_out_bias = weights.take(p + "attention.output.dense.bias", {hidden_});
-    layer.self_norm_weight = weights.take(p + "attention.output.LayerNorm.weight", {hidden_});
-    layer.self_norm_bias = weights.take(p + "attention.output.LayerNorm.bias", {hidden_});
+    layer.self_norm_weight = take_float32(weights, p + "attention.output.LayerNorm.weight", {hidden_});
+    layer.self_norm_bias = take_float32(weights, p + "attention.output.LayerNorm.bias", {hidden_});
     layer.has_cross_attention = is_cross_layer(i);
     if (layer.has_cross_attention) {
       const std::string cross = p + "crossattention.self.";
@@ -154,15 +155,16 @@ QFormer::QFormer(const QFormerConfig& config, io::WeightLoader& weights, const s
           {weights.take(cross + "key.bias", {hidden_}), weights.take(cross + "value.bias", {hidden_})});
       layer.cross_out_weight = weights.take(p + "crossattention.output.dense.weight", {hidden_, hidden_});
       layer.cross_out_bias = weights.take(p + "crossattention.output.dense.bias", {hidden_});
-      layer.cross_norm_weight = weights.take(p + "crossattention.output.LayerNorm.weight", {hidden_});
-      layer.cross_norm_bias = weights.take(p + "crossattention.output.LayerNorm.bias", {hidden_});
+      layer.cross_norm_weight =
+          take_float32(weights, p + "crossattention.output.LayerNorm.weight", {hidden_});
+      layer.cross_norm_bias = take_float32(weights, p + "crossattention.output.LayerNorm.bias", {hidden_});
     }
     layer.ffn_in_weight = weights.take(p + "intermediate_query.dense.weight", {intermediate_, hidden_});
     layer.ffn_in_bias = weights.take(p + "intermediate_query.dense.bias", {intermediate_});
     layer.ffn_out_weight = weights.take(p + "output_query.dense.weight", {hidden_, intermediate_});
     layer.ffn_out_bias = weights.take(p + "output_query.dense.bias", {hidden_});
-    layer.ffn_norm_weight = weights.take(p + "output_query.LayerNorm.weight", {hidden_});
-    layer.ffn_norm_bias = weights.take(p + "output_query.LayerNorm.bias", {hidden_});
+    layer.ffn_norm_weight = take_float32(weights, p + "output_query.LayerNorm.weight", {hidden_});
+    layer.ffn_norm_bias = take_float32(weights, p + "output_query.LayerNorm.bias", {hidden_});
     layers_.push_back(std::move(layer));
   }
 
@@ -201,7 +203,7 @@ at::Tensor QFormer::attention(const at::Tensor& q, const at::Tensor& k, const at
   // Upstream divides the scores by sqrt(head_dim) after the product; same rounding here.
   auto scores = at::matmul(split(q, q_len), split(k, k_len).transpose(-1, -2)) /
                 std::sqrt(static_cast<double>(head_dim_));
-  const auto probs = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
+  const auto probs = at::softmax(scores, -1);
   return at::matmul(probs, split(v, k_len)).transpose(1, 2).reshape({batch, q_len, hidden_});
 }
 
