@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <atomic>
 #include <string>
 
 #include "voken/error.h"
@@ -69,11 +71,16 @@ template <int M>
 VOKEN_AVX512 void gemv(const float* x, const uint16_t* w, float* y, int64_t in, int64_t out) {
   // R * M accumulators stay in registers (32 zmm): 8 independent FMA chains for one row of x.
   constexpr int R = M >= 8 ? 1 : 8 / M;
-  const int64_t blocks = (out + R - 1) / R;
-  // Grain: enough rows per task that the per-task overhead stays negligible (~64 KB of weights).
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in * R));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    gemv_rows<M, R>(x, w, y, in, out, begin * R, std::min(out, end * R));
+  // Work is handed out in chunks of ~64 KB of weights from a shared counter rather than split
+  // statically: on a shared machine a descheduled thread then leaves its share to the running
+  // one instead of the whole step waiting for it (each chunk is still read sequentially).
+  const int64_t rows_per_chunk = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in) / R) * R;
+  const int64_t chunks = (out + rows_per_chunk - 1) / rows_per_chunk;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
+      gemv_rows<M, R>(x, w, y, in, out, c * rows_per_chunk, std::min(out, (c + 1) * rows_per_chunk));
   });
 }
 

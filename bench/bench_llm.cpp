@@ -1,0 +1,577 @@
+// bench_llm: prefill and decode speed of voken::llm::Llama, against the machine's read bandwidth.
+//
+// Models: the tiny golden LLaMA (fp32 file, run with fp32 and with bf16 weights), a ~1.1B
+// TinyLlama-shaped model (GQA, 4 kv heads) and the real Vicuna-7B/MiniGPT-5 shape (hidden 4096,
+// MLP 11008, 32 layers, vocab 32009), both with random bf16 weights written to a temporary
+// safetensors file and memory-mapped by Llama::load (no copy: bf16 stays bf16).
+//
+// For each model, in one child process (fork: per-model peak RSS, and libgomp never runs in the
+// parent, which is not fork-safe once its pool exists):
+//   load; warm-up (a short prefill + steps: faults the mapped pages in);
+//   prefill  = one forward of --prompt tokens into a fresh KV cache (logits for the last row only),
+//              best of --repeat;
+//   decode   = --decode single-token steps after a prefill, median time per token;
+//   bandwidth= read rate of the very bytes one decode step reads (every layer matrix + lm_head),
+//              measured right before the decode with an AVX-512 streaming sum over them, same
+//              thread count; bound = bytes_per_token / bandwidth; ratio = decode time / bound;
+//   peak RSS = VmHWM of the child, against the model's weight bytes.
+// A separate child first measures DRAM read bandwidth on a 1 GB anonymous buffer (reference).
+//
+// Anchor (llama.cpp, 2 threads, 7B bf16, same machine class): decode 1.45 tok/s (0.69 s/token,
+// ~20 GB/s), prefill 13.4 tok/s. Targets: decode within 1.1x of the bandwidth bound, prefill >= 2x
+// llama.cpp, peak RSS < weight bytes + 10%.
+//
+// Usage: bench_llm [--threads N] [--models tiny,1b,7b] [--prompt N] [--decode N] [--repeat N]
+//                  [--dir D] [--golden D] [--keep] [--omp-passive]
+//   --threads N   intra-op threads (default 2; Debian's libtorch would start with 1 here)
+//   --models      which models, comma-separated (default tiny,1b,7b)
+//   --prompt N    prefill length (default 128);  --decode N  decode steps (default 16)
+//   --repeat N    prefill repetitions, best taken (default 3; 1 for 7B)
+//   --dir D       where the synthetic checkpoints go (default $TMPDIR or /tmp); --keep keeps them
+//   --golden D    golden root for the tiny model (default $VOKEN_GOLDEN_DIR, else ../shared/golden)
+//   --omp-passive re-runs itself with OMP_WAIT_POLICY=passive: on a machine shared with other
+//                 busy processes, libgomp's default spin-waiting at the end of every parallel region
+//                 burns the CPU time the other thread needs (measured here under load ~6 on 2 cores:
+//                 1.1B prefill 5 -> 22 tokens/s, decode/bound 2.4 -> 1.2). On an idle machine spinning
+//                 is the faster choice.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+#include <immintrin.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "io/json_file.h"
+#include "io/safetensors.h"
+#include "llm/linear.h"
+#include "llm/llama.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using voken::llm::Llama;
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+struct Options {
+  int threads = 2;
+  std::vector<std::string> models = {"tiny", "1b", "7b"};
+  int prompt = 128;
+  int decode = 16;
+  int repeat = 3;
+  std::string dir;
+  std::string golden;
+  bool keep = false;
+  bool omp_passive = false;
+};
+
+// /proc/self/status fields, in bytes.
+double status_field(const char* name) {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind(name, 0) == 0) return std::strtod(line.c_str() + std::strlen(name), nullptr) * 1024.0;
+  return 0;
+}
+
+// User + system CPU seconds of this process so far.
+double cpu_seconds() {
+  rusage usage{};
+  ::getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
+         1e-6 * static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec);
+}
+
+double load_average() {
+  double one = 0;
+  std::ifstream("/proc/loadavg") >> one;
+  return one;
+}
+
+double mem_available() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string line;
+  while (std::getline(meminfo, line))
+    if (line.rfind("MemAvailable:", 0) == 0) return std::strtod(line.c_str() + 13, nullptr) * 1024.0;
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes (results travel back through a pipe as raw bytes).
+
+template <typename Result>
+struct Envelope {
+  bool ok = false;
+  char error[1024] = {};
+  Result value{};
+};
+
+template <typename Result>
+Result in_child(const std::string& what, const std::function<Result()>& body) {
+  static_assert(std::is_trivially_copyable_v<Result>, "results cross a pipe as raw bytes");
+  int fds[2];
+  if (::pipe(fds) != 0) throw std::runtime_error("pipe failed");
+  std::cout.flush();
+  std::fflush(stdout);
+  const pid_t pid = ::fork();
+  if (pid < 0) throw std::runtime_error("fork failed");
+  if (pid == 0) {
+    ::close(fds[0]);
+    Envelope<Result> envelope;
+    try {
+      envelope.value = body();
+      envelope.ok = true;
+    } catch (const std::exception& e) {
+      std::snprintf(envelope.error, sizeof envelope.error, "%s", e.what());
+    }
+    const auto* bytes = reinterpret_cast<const char*>(&envelope);
+    for (std::size_t done = 0; done < sizeof envelope;) {
+      const ssize_t n = ::write(fds[1], bytes + done, sizeof envelope - done);
+      if (n <= 0) ::_exit(3);
+      done += static_cast<std::size_t>(n);
+    }
+    std::fflush(stdout);
+    ::_exit(envelope.ok ? 0 : 2);
+  }
+  ::close(fds[1]);
+  Envelope<Result> envelope;
+  auto* bytes = reinterpret_cast<char*>(&envelope);
+  std::size_t done = 0;
+  while (done < sizeof envelope) {
+    const ssize_t n = ::read(fds[0], bytes + done, sizeof envelope - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    done += static_cast<std::size_t>(n);
+  }
+  ::close(fds[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  if (done != sizeof envelope)
+    throw std::runtime_error(what + ": child died (status " + std::to_string(status) + ")");
+  if (!envelope.ok) throw std::runtime_error(what + ": " + envelope.error);
+  return envelope.value;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Read bandwidth: an AVX-512 sum of 32-bit words over byte ranges, split over the intra-op pool.
+
+__attribute__((target("avx512f"))) uint64_t sum_words(const uint8_t* p, std::size_t bytes) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  std::size_t i = 0;
+  for (; i + 256 <= bytes; i += 256) {
+    a0 = _mm512_add_epi32(a0, _mm512_loadu_si512(p + i));
+    a1 = _mm512_add_epi32(a1, _mm512_loadu_si512(p + i + 64));
+    a2 = _mm512_add_epi32(a2, _mm512_loadu_si512(p + i + 128));
+    a3 = _mm512_add_epi32(a3, _mm512_loadu_si512(p + i + 192));
+  }
+  uint64_t tail = 0;
+  for (; i < bytes; ++i) tail += p[i];
+  return static_cast<uint64_t>(
+             _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)))) +
+         tail;
+}
+
+// Bytes/s to read every range once (best of `passes`).
+double read_bandwidth(const std::vector<std::pair<const uint8_t*, std::size_t>>& ranges, int passes) {
+  constexpr std::size_t kChunk = 1 << 20;
+  std::vector<std::pair<const uint8_t*, std::size_t>> chunks;
+  double total = 0;
+  for (const auto& [p, n] : ranges) {
+    for (std::size_t off = 0; off < n; off += kChunk) chunks.emplace_back(p + off, std::min(kChunk, n - off));
+    total += static_cast<double>(n);
+  }
+  double best = 0;
+  volatile uint64_t sink = 0;
+  for (int pass = 0; pass < passes; ++pass) {
+    std::vector<uint64_t> partial(static_cast<std::size_t>(at::get_num_threads()) + 1, 0);
+    const auto start = std::chrono::steady_clock::now();
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+      uint64_t s = 0;
+      for (int64_t c = begin; c < end; ++c) s += sum_words(chunks[c].first, chunks[c].second);
+      partial[static_cast<std::size_t>(at::get_thread_num())] += s;
+    });
+    const double seconds = seconds_since(start);
+    for (auto s : partial) sink = sink + s;
+    best = std::max(best, total / seconds);
+  }
+  return best;
+}
+
+struct DramResult {
+  double bandwidth = 0;
+  double bandwidth_1thread = 0;
+};
+
+DramResult measure_dram(const Options& options) {
+  at::set_num_threads(options.threads);
+  const std::size_t bytes = std::size_t{1} << 30;
+  std::vector<uint8_t> buffer(bytes, 1);  // touched: resident
+  DramResult r;
+  r.bandwidth = read_bandwidth({{buffer.data(), bytes}}, 5);
+  at::set_num_threads(1);
+  r.bandwidth_1thread = read_bandwidth({{buffer.data(), bytes}}, 3);
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Synthetic checkpoints.
+
+struct Shape {
+  int64_t vocab, hidden, intermediate, layers, heads, kv_heads;
+};
+
+const Shape kShape1B = {32000, 2048, 5632, 22, 32, 4};    // TinyLlama-1.1B
+const Shape kShape7B = {32009, 4096, 11008, 32, 32, 32};  // Vicuna-7B as MiniGPT-5 resizes it
+
+void write_config(const std::string& dir, const Shape& s) {
+  const voken::io::Json config = {{"architectures", voken::io::Json::array({"LlamaForCausalLM"})},
+                                  {"model_type", "llama"},
+                                  {"vocab_size", s.vocab},
+                                  {"hidden_size", s.hidden},
+                                  {"intermediate_size", s.intermediate},
+                                  {"num_hidden_layers", s.layers},
+                                  {"num_attention_heads", s.heads},
+                                  {"num_key_value_heads", s.kv_heads},
+                                  {"max_position_embeddings", 2048},
+                                  {"rms_norm_eps", 1e-6},
+                                  {"rope_theta", 10000.0},
+                                  {"hidden_act", "silu"},
+                                  {"tie_word_embeddings", false},
+                                  {"torch_dtype", "bfloat16"}};
+  std::ofstream(dir + "/config.json") << config.dump(2);
+}
+
+struct WriteResult {
+  double bytes = 0;
+  double seconds = 0;
+};
+
+// Random bf16 weights: every tensor is a view into one random pool (as large as the largest
+// tensor), at a different offset, so the generator needs ~0.3 GB whatever the model size.
+WriteResult write_model(const std::string& dir, const Shape& s) {
+  c10::InferenceMode guard;
+  fs::create_directories(dir);
+  write_config(dir, s);
+  const int64_t d = s.hidden / s.heads;
+  std::vector<std::pair<std::string, std::vector<int64_t>>> shapes;
+  shapes.push_back({"model.embed_tokens.weight", {s.vocab, s.hidden}});
+  for (int64_t i = 0; i < s.layers; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    shapes.push_back({p + "input_layernorm.weight", {s.hidden}});
+    shapes.push_back({p + "self_attn.q_proj.weight", {s.heads * d, s.hidden}});
+    shapes.push_back({p + "self_attn.k_proj.weight", {s.kv_heads * d, s.hidden}});
+    shapes.push_back({p + "self_attn.v_proj.weight", {s.kv_heads * d, s.hidden}});
+    shapes.push_back({p + "self_attn.o_proj.weight", {s.hidden, s.heads * d}});
+    shapes.push_back({p + "post_attention_layernorm.weight", {s.hidden}});
+    shapes.push_back({p + "mlp.gate_proj.weight", {s.intermediate, s.hidden}});
+    shapes.push_back({p + "mlp.up_proj.weight", {s.intermediate, s.hidden}});
+    shapes.push_back({p + "mlp.down_proj.weight", {s.hidden, s.intermediate}});
+  }
+  shapes.push_back({"model.norm.weight", {s.hidden}});
+  shapes.push_back({"lm_head.weight", {s.vocab, s.hidden}});
+  int64_t largest = 0;
+  for (const auto& [name, shape] : shapes) {
+    int64_t n = 1;
+    for (auto x : shape) n *= x;
+    largest = std::max(largest, n);
+  }
+  at::manual_seed(0);
+  const int64_t extra = 1 << 20;
+  const at::Tensor pool = (at::randn({largest + extra}) * 0.02).to(at::kBFloat16);
+  const at::Tensor norm = at::ones({s.hidden}, at::kBFloat16);
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  WriteResult result;
+  int64_t offset = 0;
+  for (const auto& [name, shape] : shapes) {
+    if (shape.size() == 1) {
+      tensors.emplace_back(name, norm);
+    } else {
+      const int64_t n = shape[0] * shape[1];
+      offset = (offset + 4099) % extra;
+      tensors.emplace_back(name, pool.narrow(0, offset, n).view(shape));
+    }
+    result.bytes += static_cast<double>(tensors.back().second.nbytes());
+  }
+  const auto start = std::chrono::steady_clock::now();
+  voken::io::write_safetensors(dir + "/model.safetensors", tensors, {{"format", "pt"}});
+  result.seconds = seconds_since(start);
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The measurement.
+
+struct ModelResult {
+  char name[48] = {};
+  double params = 0;
+  double weight_bytes = 0;
+  double bytes_per_token = 0;
+  double load_s = 0;
+  double prefill_s = 0;  // best of repeats, for `prompt` tokens
+  double decode_s = 0;   // median per token
+  double decode_mean_s = 0;
+  double bandwidth = 0;    // reading the decode weights, bytes/s
+  double peak_rss = 0;     // VmHWM
+  double prefill_cpu = 0;  // CPU seconds / wall seconds during the timed prefills
+  double decode_cpu = 0;   // the same during the decode steps
+  double load = 0;         // 1-minute load average when the measurement started
+  double rss_file = 0, rss_anon = 0;
+  int prompt = 0, decode = 0;
+};
+
+ModelResult measure_model(const Options& options, const std::string& label, const std::string& dir,
+                          at::ScalarType dtype, int repeat) {
+  at::set_num_threads(options.threads);
+  ModelResult r;
+  std::snprintf(r.name, sizeof r.name, "%s", label.c_str());
+  r.prompt = options.prompt;
+  r.decode = options.decode;
+  r.load = load_average();
+  voken::llm::LlamaLoadOptions load_options;
+  load_options.dtype = dtype;
+  auto start = std::chrono::steady_clock::now();
+  const Llama model = Llama::load(dir, load_options);
+  r.load_s = seconds_since(start);
+  c10::InferenceMode guard;
+  r.weight_bytes = static_cast<double>(model.weight_bytes());
+  r.bytes_per_token = static_cast<double>(model.weight_bytes_per_token());
+  const auto& c = model.config();
+  r.params =
+      static_cast<double>(c.vocab_size * c.hidden_size * 2 +
+                          c.num_hidden_layers * (2 * c.hidden_size * c.hidden_size +
+                                                 2 * c.num_key_value_heads * c.head_dim() * c.hidden_size +
+                                                 3 * c.hidden_size * c.intermediate_size));
+  at::manual_seed(1);
+  const int64_t vocab = c.vocab_size;
+  const at::Tensor prompt = at::randint(vocab, {1, options.prompt}, at::kLong);
+
+  // Warm-up: faults the mapped weights in and starts the thread pool.
+  {
+    auto cache = model.new_cache(1, 16);
+    auto out = model.forward(prompt.narrow(1, 0, 8), &cache, voken::llm::LogitsFor::Last);
+    for (int i = 0; i < 2; ++i)
+      out = model.forward(out.logits.argmax(-1).view({1, 1}), &cache, voken::llm::LogitsFor::Last);
+  }
+
+  r.prefill_s = INFINITY;
+  voken::llm::KvCache cache = model.new_cache(1, options.prompt + options.decode);
+  voken::llm::LlamaOutput out;
+  double cpu_start = cpu_seconds();
+  auto wall_start = std::chrono::steady_clock::now();
+  for (int i = 0; i < repeat; ++i) {
+    cache = model.new_cache(1, options.prompt + options.decode);
+    start = std::chrono::steady_clock::now();
+    out = model.forward(prompt, &cache, voken::llm::LogitsFor::Last);
+    r.prefill_s = std::min(r.prefill_s, seconds_since(start));
+  }
+  r.prefill_cpu = (cpu_seconds() - cpu_start) / seconds_since(wall_start);
+
+  // The bytes a decode step reads, read once more as fast as possible: the bound.
+  std::vector<std::pair<const uint8_t*, std::size_t>> ranges;
+  auto add = [&](const at::Tensor& t) {
+    ranges.emplace_back(static_cast<const uint8_t*>(t.data_ptr()), static_cast<std::size_t>(t.nbytes()));
+  };
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    for (const char* m : {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"})
+      add(model.weight(p + m + ".weight"));
+  }
+  add(model.weight("lm_head.weight"));
+  r.bandwidth = read_bandwidth(ranges, 3);
+
+  std::vector<double> steps;
+  cpu_start = cpu_seconds();
+  wall_start = std::chrono::steady_clock::now();
+  for (int i = 0; i < options.decode; ++i) {
+    const at::Tensor next = out.logits.argmax(-1).view({1, 1});
+    start = std::chrono::steady_clock::now();
+    out = model.forward(next, &cache, voken::llm::LogitsFor::Last);
+    steps.push_back(seconds_since(start));
+  }
+  r.decode_cpu = (cpu_seconds() - cpu_start) / seconds_since(wall_start);
+  double sum = 0;
+  for (double s : steps) sum += s;
+  r.decode_mean_s = sum / static_cast<double>(steps.size());
+  std::sort(steps.begin(), steps.end());
+  r.decode_s = steps[steps.size() / 2];
+  r.peak_rss = status_field("VmHWM:");
+  r.rss_file = status_field("RssFile:");
+  r.rss_anon = status_field("RssAnon:");
+  return r;
+}
+
+void print_result(const ModelResult& r, const DramResult& dram) {
+  constexpr double GB = 1e9;
+  const double bound = r.bytes_per_token / r.bandwidth;
+  std::printf("\n== %s  (%.3g params, weights %.3f GB, read per decoded token %.3f GB)\n", r.name, r.params,
+              r.weight_bytes / GB, r.bytes_per_token / GB);
+  std::printf("  load                 %.3f s  (machine load average %.2f at start)\n", r.load_s, r.load);
+  std::printf("  prefill              %.2f tokens/s  (%d tokens in %.3f s, %.0f GFLOP/s)\n",
+              r.prompt / r.prefill_s, r.prompt, r.prefill_s, 2.0 * r.params * r.prompt / r.prefill_s / GB);
+  std::printf("  decode               %.3f tokens/s  (median %.4f s/token, mean %.4f s, %d steps)\n",
+              1.0 / r.decode_s, r.decode_s, r.decode_mean_s, r.decode);
+  std::printf("  CPU used / wall      prefill %.2f, decode %.2f cores (busy-waiting threads count as used)\n",
+              r.prefill_cpu, r.decode_cpu);
+  std::printf("  weight read rate     %.2f GB/s (DRAM reference %.2f GB/s)\n", r.bandwidth / GB,
+              dram.bandwidth / GB);
+  if (r.bytes_per_token > 64e6)
+    std::printf("  bandwidth bound      %.4f s/token -> decode / bound = %.3f  (target <= 1.10)\n", bound,
+                r.decode_s / bound);
+  else
+    std::printf(
+        "  bandwidth bound      n/a: the weights fit in cache, per-op overhead dominates (%.2g s/token)\n",
+        bound);
+  std::printf("  effective decode bw  %.2f GB/s\n", r.bytes_per_token / r.decode_s / GB);
+  std::printf("  peak RSS             %.3f GB (file-backed %.3f, anonymous %.3f) = %.3f x weight bytes%s\n",
+              r.peak_rss / GB, r.rss_file / GB, r.rss_anon / GB, r.peak_rss / r.weight_bytes,
+              r.weight_bytes > 1e9 ? "  (target < 1.10)" : "  (process baseline dominates)");
+}
+
+// --golden, else $VOKEN_GOLDEN_DIR, else shared/golden beside the repository (the executable
+// lives in <repo>/<build>/bench/).
+std::string golden_root(const Options& options) {
+  if (!options.golden.empty()) return options.golden;
+  const char* env = std::getenv("VOKEN_GOLDEN_DIR");
+  if (env && *env) return env;
+  std::error_code ignored;
+  return (fs::read_symlink("/proc/self/exe", ignored).parent_path() / "../../../shared/golden")
+      .lexically_normal();
+}
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream in(s);
+  std::string item;
+  while (std::getline(in, item, ',')) out.push_back(item);
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options options;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) throw std::runtime_error(arg + " needs a value");
+      return argv[++i];
+    };
+    if (arg == "--threads")
+      options.threads = std::stoi(next());
+    else if (arg == "--models")
+      options.models = split(next());
+    else if (arg == "--prompt")
+      options.prompt = std::stoi(next());
+    else if (arg == "--decode")
+      options.decode = std::stoi(next());
+    else if (arg == "--repeat")
+      options.repeat = std::stoi(next());
+    else if (arg == "--dir")
+      options.dir = next();
+    else if (arg == "--golden")
+      options.golden = next();
+    else if (arg == "--keep")
+      options.keep = true;
+    else if (arg == "--omp-passive")
+      options.omp_passive = true;
+    else {
+      std::fprintf(stderr,
+                   "usage: bench_llm [--threads N] [--models tiny,1b,7b] [--prompt N] [--decode N] "
+                   "[--repeat N] [--dir D] [--golden D] [--keep] [--omp-passive]\n");
+      return 2;
+    }
+  }
+  // libgomp reads OMP_WAIT_POLICY when it is loaded, so the setting needs a fresh process.
+  if (options.omp_passive && std::getenv("OMP_WAIT_POLICY") == nullptr) {
+    ::setenv("OMP_WAIT_POLICY", "passive", 1);
+    ::execv("/proc/self/exe", argv);
+    std::perror("bench_llm: re-exec with OMP_WAIT_POLICY=passive failed");
+    return 1;
+  }
+  if (options.prompt < 8 || options.decode < 1 || options.threads < 1 || options.repeat < 1) {
+    std::fprintf(stderr, "bench_llm: --prompt >= 8, --decode >= 1, --threads >= 1, --repeat >= 1\n");
+    return 2;
+  }
+  try {
+    std::string base = options.dir;
+    if (base.empty()) {
+      const char* tmp = std::getenv("TMPDIR");
+      base = tmp && *tmp ? tmp : "/tmp";
+    }
+    const std::string work = base + "/voken-bench-llm-" + std::to_string(::getpid());
+    fs::create_directories(work);
+
+    std::printf(
+        "bench_llm: %d threads, prompt %d tokens, %d decode steps, streaming bf16 kernel: %s\n",
+        options.threads, options.prompt, options.decode,
+        voken::llm::has_streaming_bf16_kernel() ? "yes" : "no (AVX-512 missing: oneDNN for every product)");
+    const DramResult dram = in_child<DramResult>("dram", [&] { return measure_dram(options); });
+    std::printf("DRAM read bandwidth (1 GB buffer): %.2f GB/s with %d threads, %.2f GB/s with 1\n",
+                dram.bandwidth / 1e9, options.threads, dram.bandwidth_1thread / 1e9);
+
+    for (const auto& which : options.models) {
+      if (which == "tiny") {
+        const std::string dir = golden_root(options) + "/llama/model";
+        if (!fs::exists(dir + "/config.json")) {
+          std::printf("\n== tiny: skipped (%s not found; set VOKEN_GOLDEN_DIR)\n", dir.c_str());
+          continue;
+        }
+        for (auto dtype : {at::kFloat, at::kBFloat16}) {
+          const std::string label =
+              std::string("tiny golden (") + (dtype == at::kFloat ? "fp32" : "bf16") + ")";
+          print_result(
+              in_child<ModelResult>(
+                  label,
+                  [&] { return measure_model(options, label, dir, dtype, std::max(options.repeat, 5)); }),
+              dram);
+        }
+        continue;
+      }
+      const Shape* shape = which == "1b" ? &kShape1B : which == "7b" ? &kShape7B : nullptr;
+      if (shape == nullptr) throw std::runtime_error("unknown model '" + which + "' (tiny, 1b, 7b)");
+      const std::string dir = work + "/" + which;
+      const WriteResult written =
+          in_child<WriteResult>("write " + which, [&] { return write_model(dir, *shape); });
+      std::printf("\n(%s: wrote %.2f GB of random bf16 weights in %.1f s; MemAvailable now %.1f GB)\n",
+                  which.c_str(), written.bytes / 1e9, written.seconds, mem_available() / 1e9);
+      if (mem_available() < written.bytes * 1.05)
+        std::printf("  WARNING: less memory available than the weights; decode will read from disk\n");
+      const std::string label =
+          which == "1b" ? "1.1B TinyLlama shape (bf16, GQA 32/4)" : "7B Vicuna shape (bf16)";
+      const int repeat = which == "7b" ? 1 : options.repeat;
+      const ModelResult r = in_child<ModelResult>(
+          label, [&] { return measure_model(options, label, dir, at::kBFloat16, repeat); });
+      print_result(r, dram);
+      if (which == "7b") {
+        std::printf(
+            "  vs llama.cpp anchor  decode %.2fx of 1.45 tok/s, prefill %.2fx of 13.4 tok/s (target >= 2)\n",
+            (1.0 / r.decode_s) / 1.45, (r.prompt / r.prefill_s) / 13.4);
+      }
+      if (!options.keep) fs::remove_all(dir);
+    }
+    if (!options.keep) fs::remove_all(work);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_llm: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
