@@ -128,6 +128,18 @@ KvCache::KvCache(int64_t num_layers, int64_t batch, int64_t kv_heads, int64_t ca
   }
 }
 
+KvCache KvCache::clone() const {
+  c10::InferenceMode guard;
+  KvCache copy;
+  for (const auto& k : keys_) copy.keys_.push_back(k.clone());
+  for (const auto& v : values_) copy.values_.push_back(v.clone());
+  copy.batch_ = batch_;
+  copy.capacity_ = capacity_;
+  copy.length_ = length_;
+  copy.prefix_length_ = prefix_length_;
+  return copy;
+}
+
 void KvCache::truncate(int64_t new_length) {
   if (new_length < prefix_length_ || new_length > length_)
     throw ArgumentError("KvCache::truncate(" + std::to_string(new_length) + "): must lie in [" +

@@ -62,10 +62,16 @@ struct LlamaConfig {
 
 // Keys and values of every layer for `batch` sequences, preallocated for `capacity` positions
 // (prefix-tuning rows included). Each layer holds [batch, kv_heads, capacity, head_dim] float32;
-// positions [0, length) are filled.
+// positions [0, length) are filled. Move-only (copies would silently share the buffers); clone()
+// makes an independent copy, e.g. to branch a conversation.
 class KvCache {
  public:
   KvCache(int64_t num_layers, int64_t batch, int64_t kv_heads, int64_t capacity, int64_t head_dim);
+  KvCache(KvCache&&) noexcept = default;
+  KvCache& operator=(KvCache&&) noexcept = default;
+  KvCache(const KvCache&) = delete;
+  KvCache& operator=(const KvCache&) = delete;
+  KvCache clone() const;
 
   int64_t length() const { return length_; }
   int64_t capacity() const { return capacity_; }
@@ -87,6 +93,7 @@ class KvCache {
   void set_prefix_length(int64_t length);
 
  private:
+  KvCache() = default;
   std::vector<at::Tensor> keys_;
   std::vector<at::Tensor> values_;
   int64_t batch_ = 0;

@@ -207,9 +207,18 @@ TEST(KvCache, TruncateAndRefeedGivesTheSameResult) {
   KvCache cache = model.new_cache(1, 16);
   model.forward(ids.narrow(1, 0, 8), &cache);
   const LlamaOutput first = model.forward(ids.narrow(1, 8, 4), &cache);
+  KvCache branch = cache.clone();
   cache.truncate(8);
   const LlamaOutput again = model.forward(ids.narrow(1, 8, 4), &cache);
   EXPECT_TRUE(at::equal(first.logits, again.logits));
+  // The clone was independent of what happened to the original since.
+  EXPECT_EQ(branch.length(), 12);
+  cache.truncate(8);
+  model.forward(at::zeros({1, 4}, at::kLong), &cache);
+  const LlamaOutput next = model.forward(ids.narrow(1, 0, 1), &branch);
+  KvCache fresh = model.new_cache(1, 16);
+  model.forward(ids, &fresh);
+  EXPECT_TRUE(at::allclose(next.logits, model.forward(ids.narrow(1, 0, 1), &fresh).logits, 1e-5, 1e-5));
   expect_error<ArgumentError>([&] { cache.truncate(13); }, {"truncate(13)", "[0, 12]"});
 }
 
