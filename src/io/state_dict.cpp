@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "io/json_file.h"
+#include "io/paths.h"
 #include "io/safetensors.h"
 #include "io/tensor_bytes.h"
 #include "io/torch_file.h"
@@ -14,20 +15,6 @@
 
 namespace voken::io {
 namespace {
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-bool is_directory(const std::string& path) {
-  struct stat st {};
-  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-}
-
-bool exists(const std::string& path) {
-  struct stat st {};
-  return ::stat(path.c_str(), &st) == 0;
-}
 
 std::string directory_of(const std::string& path) {
   const auto slash = path.find_last_of('/');
@@ -81,7 +68,8 @@ void load_index_into(StateDict& out, const std::string& index_path) {
   }
   for (const auto& shard : shards) {
     const std::string shard_path = base + "/" + shard;
-    if (!exists(shard_path)) throw FileNotFoundError(index_path + ": shard file not found: " + shard_path);
+    if (!path_exists(shard_path))
+      throw FileNotFoundError(index_path + ": shard file not found: " + shard_path);
     load_file_into(out, shard_path, "");
   }
   for (const auto& [name, shard] : index.at("weight_map").items()) {
@@ -100,13 +88,13 @@ std::string joined(const std::vector<std::string>& items) {
 }  // namespace
 
 StateDict StateDict::load(const std::string& path, const std::string& inner_key) {
-  if (!exists(path)) throw FileNotFoundError("checkpoint not found: " + path);
+  if (!path_exists(path)) throw FileNotFoundError("checkpoint not found: " + path);
   StateDict result;
   result.origin_ = path;
   if (is_directory(path)) {
     for (const char* name : kDirectoryCheckpoints) {
       const std::string candidate = path + "/" + name;
-      if (exists(candidate)) return load(candidate, inner_key);
+      if (path_exists(candidate)) return load(candidate, inner_key);
     }
     std::string expected;
     for (const char* name : kDirectoryCheckpoints)

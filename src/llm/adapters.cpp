@@ -2,31 +2,21 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
-#include <sys/stat.h>
 
 #include <algorithm>
 #include <regex>
 #include <set>
 
+#include "io/paths.h"
 #include "io/tensor_bytes.h"
 #include "voken/error.h"
 
 namespace voken::llm {
 namespace {
 
-bool starts_with(const std::string& s, const std::string& prefix) {
-  return s.compare(0, prefix.size(), prefix) == 0;
-}
-
-bool is_directory(const std::string& path) {
-  struct stat st {};
-  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-}
-
-bool exists(const std::string& path) {
-  struct stat st {};
-  return ::stat(path.c_str(), &st) == 0;
-}
+using io::is_directory;
+using io::path_exists;
+using io::starts_with;
 
 // The last dotted segment of a module path ("model.layers.0.self_attn.q_proj" -> "q_proj").
 std::string leaf_name(const std::string& module) {
@@ -244,15 +234,15 @@ LlamaAdapters read_llama_adapters(const io::StateDict& checkpoint, const Adapter
 }
 
 LlamaAdapters load_llama_adapters(const std::string& path, const AdapterReadOptions& options) {
-  if (!exists(path)) throw FileNotFoundError("adapter checkpoint not found: " + path);
-  if (is_directory(path) && exists(path + "/adapter_config.json")) {
+  if (!path_exists(path)) throw FileNotFoundError("adapter checkpoint not found: " + path);
+  if (is_directory(path) && path_exists(path + "/adapter_config.json")) {
     AdapterReadOptions peft = options;
     const io::Json json = io::read_json_file(path + "/adapter_config.json");
     peft.lora = LoraConfig::from_json(io::JsonView(json, path + "/adapter_config.json"));
     peft.llama_prefix = "";  // PEFT saves the wrapper's keys (base_model.model.…) at the root
     for (const char* name : {"adapter_model.safetensors", "adapter_model.bin"}) {
       const std::string file = path + "/" + name;
-      if (exists(file)) return read_llama_adapters(io::StateDict::load(file), peft);
+      if (path_exists(file)) return read_llama_adapters(io::StateDict::load(file), peft);
     }
     throw FileNotFoundError(
         path + ": PEFT adapter directory without adapter_model.safetensors or adapter_model.bin");

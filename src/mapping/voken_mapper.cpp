@@ -5,24 +5,13 @@
 
 #include <cmath>
 #include <optional>
-#include <sstream>
 
+#include "io/paths.h"
+#include "io/tensor_bytes.h"
 #include "voken/error.h"
 
 namespace voken::mapping {
 namespace {
-
-std::string shape_text(at::IntArrayRef sizes) {
-  std::ostringstream out;
-  out << "[";
-  for (std::size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
-  out << "]";
-  return out.str();
-}
-
-bool starts_with(const std::string& text, const std::string& prefix) {
-  return text.compare(0, prefix.size(), prefix) == 0;
-}
 
 // Size `dim` of stored tensor `name` when it exists with rank `rank`; nullopt otherwise (the
 // take() of that tensor then reports it).
@@ -42,7 +31,7 @@ int64_t count_layers(const io::WeightLoader& weights, const std::string& stack_p
   const std::string prefix = stack_prefix + "layers.";
   int64_t count = 1;
   for (const auto& name : weights.weights().keys()) {
-    if (!starts_with(name, prefix)) continue;
+    if (!io::starts_with(name, prefix)) continue;
     const auto end = name.find('.', prefix.size());
     const auto index =
         name.substr(prefix.size(), end == std::string::npos ? std::string::npos : end - prefix.size());
@@ -66,8 +55,8 @@ VokenMapper load_strict(const io::StateDict& checkpoint, const MapperOptions& op
   validate_options(options);
   bool has_mapper_keys = false;
   for (const auto& name : checkpoint.keys())
-    has_mapper_keys = has_mapper_keys || starts_with(name, kFcPrefix) ||
-                      starts_with(name, kTransformerPrefix) || name == kDecoderPromptKey;
+    has_mapper_keys = has_mapper_keys || io::starts_with(name, kFcPrefix) ||
+                      io::starts_with(name, kTransformerPrefix) || name == kDecoderPromptKey;
   if (!has_mapper_keys)
     throw WeightsError(what +
                        ": no voken mapper weights (fc.*, llm_to_t2i_mapping.*, t2i_decoder_prompt) in " +
@@ -239,7 +228,7 @@ MapperOutputs VokenMapper::run(const at::Tensor& voken_hidden) const {
   if (voken_hidden.dim() != 3 || voken_hidden.size(2) != llm_dim_ || voken_hidden.size(0) < 1 ||
       voken_hidden.size(1) < 1)
     throw ArgumentError("voken mapper: voken_hidden must be [batch >= 1, tokens >= 1, " +
-                        std::to_string(llm_dim_) + "], got " + shape_text(voken_hidden.sizes()));
+                        std::to_string(llm_dim_) + "], got " + io::shape_string(voken_hidden.sizes()));
   if (!at::isFloatingType(voken_hidden.scalar_type()))
     throw ArgumentError(std::string("voken mapper: voken_hidden must be a floating-point tensor, got ") +
                         c10::toString(voken_hidden.scalar_type()));

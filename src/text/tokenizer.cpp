@@ -1,7 +1,5 @@
 #include "text/tokenizer.h"
 
-#include <sys/stat.h>
-
 #include <algorithm>
 #include <array>
 #include <functional>
@@ -10,6 +8,7 @@
 #include <utility>
 
 #include "io/json_file.h"
+#include "io/paths.h"
 #include "text/sentencepiece_model.h"
 #include "voken/error.h"
 
@@ -205,11 +204,6 @@ std::shared_ptr<Tokenizer::State> assemble(SentencePieceModel model, std::vector
 // ---------------------------------------------------------------------------------------------
 // HF tokenizer files.
 
-bool file_exists(const std::string& path) {
-  struct stat st {};
-  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
-}
-
 // A special token value: a string or an AddedToken object ({"content", "lstrip", "rstrip", ...}).
 // Empty strings (as some early LLaMA conversions wrote) count as absent.
 std::optional<SpecialSpec> parse_special(const io::Json& value, const std::string& source,
@@ -320,7 +314,7 @@ Tokenizer Tokenizer::from_directory(const std::string& dir, bool add_minigpt5_to
 
   const std::string config_path = dir + "/tokenizer_config.json";
   std::optional<io::Json> config;
-  if (file_exists(config_path)) {
+  if (io::is_regular_file(config_path)) {
     config = io::read_json_file(config_path);
     if (!config->is_object()) throw ConfigError(config_path + ": expected a JSON object");
     const io::JsonView view(*config, config_path);
@@ -335,7 +329,7 @@ Tokenizer Tokenizer::from_directory(const std::string& dir, bool add_minigpt5_to
     clean_up = view.get_or<bool>("clean_up_tokenization_spaces", false);
   }
   const std::string map_path = dir + "/special_tokens_map.json";
-  if (file_exists(map_path)) {
+  if (io::is_regular_file(map_path)) {
     const io::Json map = io::read_json_file(map_path);
     if (!map.is_object()) throw ConfigError(map_path + ": expected a JSON object");
     for (size_t r = 0; r < 4; ++r)
@@ -346,7 +340,7 @@ Tokenizer Tokenizer::from_directory(const std::string& dir, bool add_minigpt5_to
       additional = parse_special_list(map.at("additional_special_tokens"), map_path, true);
   }
   std::string added_source = dir + "/added_tokens.json";
-  if (file_exists(added_source)) {
+  if (io::is_regular_file(added_source)) {
     file_tokens = read_added_tokens_json(added_source);
   } else if (config && config->contains("added_tokens_decoder")) {
     added_source = config_path + " (added_tokens_decoder)";
