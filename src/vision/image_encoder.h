@@ -57,9 +57,10 @@ class ImageEncoder {
   ImageEncoder(const ImageEncoderConfig& config, io::WeightLoader& vit_weights,
                io::WeightLoader& blip2_weights, io::WeightLoader& projection_weights);
 
-  // Loads the three files, converts the weights as `options` says (default: float32 on CPU;
-  // {at::kBFloat16} for bf16 compute) and throws one WeightsError listing every missing,
-  // mis-shaped or unexpected tensor of all three files.
+  // Loads the three files, converts the weights as `options` says ({at::kFloat} or
+  // {at::kBFloat16}; unset keeps each file's dtype, float16 becoming float32 on CPU, and each
+  // stage casts its input to its own weights' dtype) and throws one WeightsError listing every
+  // missing, mis-shaped or unexpected tensor of all three files.
   static ImageEncoder load(const ImageEncoderFiles& files, const ImageEncoderConfig& config = {},
                            const io::WeightOptions& options = {});
 
