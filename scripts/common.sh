@@ -11,6 +11,8 @@ VOKEN_APT_PACKAGES=(
   python3-nbclient python3-ipykernel
 )
 VOKEN_BUILD_DIR=${VOKEN_BUILD_DIR:-build}
+# ccache keys on paths relative to the checkout, so fresh clones (CI) reuse earlier compilations.
+export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$PWD}"
 VOKEN_PYTHON=/usr/bin/python3
 
 voken_install_packages() {
