@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "diffusion/attention_kernels.h"
 #include "diffusion/norm_kernels.h"
 #include "voken/error.h"
 
@@ -171,13 +172,18 @@ ResnetBlock2D ResnetBlock2D::load(io::WeightLoader& weights, const std::string& 
 }
 
 at::Tensor ResnetBlock2D::operator()(const at::Tensor& x, const at::Tensor& temb) const {
+  if (!time_emb_proj) return forward_projected(x, {});
+  if (!temb.defined()) throw ArgumentError("ResnetBlock2D: a time embedding is required");
+  return forward_projected(x, (*time_emb_proj)(skip_time_act ? temb : activate(temb, activation)));
+}
+
+at::Tensor ResnetBlock2D::forward_projected(const at::Tensor& x, const at::Tensor& time_proj) const {
   at::Tensor h = conv1(norm1(x, activation));
-  const bool scale_shift = time_embedding_norm == TimeEmbeddingNorm::ScaleShift;
   if (time_emb_proj) {
-    if (!temb.defined()) throw ArgumentError("ResnetBlock2D: a time embedding is required");
-    const at::Tensor t = (*time_emb_proj)(skip_time_act ? temb : activate(temb, activation));
+    if (!time_proj.defined()) throw ArgumentError("ResnetBlock2D: a time embedding is required");
+    const at::Tensor t = time_proj.to(h.scalar_type());
     const auto per_channel = [&](const at::Tensor& v) { return v.reshape({v.size(0), v.size(1), 1, 1}); };
-    if (scale_shift) {
+    if (time_embedding_norm == TimeEmbeddingNorm::ScaleShift) {
       const auto halves = t.chunk(2, 1);
       h = norm2(h);
       h.mul_(per_channel(halves[0]) + 1).add_(per_channel(halves[1]));
@@ -228,7 +234,7 @@ at::Tensor Upsample2D::operator()(const at::Tensor& x,
 // Attention
 
 at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
-                                double scale, bool upcast, int64_t max_scores) {
+                                double scale, bool upcast, int64_t max_scores, bool allow_fused) {
   const int64_t batch = q.size(0), queries = q.size(1), inner = q.size(2), keys = k.size(1);
   if (heads <= 0 || inner % heads != 0 || k.size(2) != inner || v.size(2) != inner || v.size(1) != keys ||
       k.size(0) != batch || v.size(0) != batch)
@@ -236,6 +242,10 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
                         "x" + std::to_string(inner) + ", k/v with " + std::to_string(keys) + " keys, " +
                         std::to_string(heads) + " heads do not fit together");
   const int64_t head_dim = inner / heads;
+  if (allow_fused && !upcast && q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+      v.scalar_type() == at::kBFloat16 && head_dim <= kFusedAttentionMaxHeadDim && q.stride(2) == 1 &&
+      k.stride(2) == 1 && v.stride(2) == 1 && has_amx_bf16())
+    return fused_attention_bf16(q, k, v, heads, scale);
   const int64_t groups = batch * heads;
   // [B, N, H*D] -> [B*H, N, D]; keys transposed once to [B*H, D, Nk] for the score products.
   const auto split_heads = [&](const at::Tensor& t, int64_t n) {
@@ -264,9 +274,11 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
     }
   }
   const auto attend = [&](const at::Tensor& q_part, const at::Tensor& k_t_part, const at::Tensor& v_part) {
-    at::Tensor probs = at::softmax(at::bmm(q_part, k_t_part), -1);
+    // Dense operands: oneDNN runs strided batches through a far slower GEMM (gemm:jit).
+    at::Tensor probs = at::bmm(q_part.contiguous(), k_t_part.contiguous());
+    softmax_lastdim_(probs);
     if (probs.scalar_type() != v_part.scalar_type()) probs = probs.to(v_part.scalar_type());
-    return at::bmm(probs, v_part);
+    return at::bmm(probs, v_part.contiguous());
   };
   at::Tensor out;
   if (group_step == groups && row_step == queries) {
@@ -319,7 +331,8 @@ at::Tensor CrossAttention::operator()(const at::Tensor& x, const at::Tensor& con
     v = to_v(source);
   }
   const double scale = 1.0 / std::sqrt(static_cast<double>(inner / heads));
-  return to_out(multi_head_attention(q, k, v, heads, scale, upcast, options.attention_max_scores));
+  return to_out(multi_head_attention(q, k, v, heads, scale, upcast, options.attention_max_scores,
+                                     options.fused_attention));
 }
 
 BasicTransformerBlock BasicTransformerBlock::load(io::WeightLoader& weights, const std::string& prefix,
@@ -347,12 +360,26 @@ at::Tensor BasicTransformerBlock::operator()(const at::Tensor& tokens, const at:
                                              const ComputeOptions& options) const {
   at::Tensor x = tokens + attn1(norm1(tokens), only_cross_attention ? context : at::Tensor(), options);
   x.add_(attn2(norm2(x), context, options));
-  // GEGLU: the first half of the projection is the value, the second the (exact-GELU) gate.
-  const at::Tensor projected = ff_in(norm3(x));
-  const int64_t ff_inner = projected.size(-1) / 2;
-  at::Tensor gated = at::gelu(projected.narrow(-1, ff_inner, ff_inner));
-  gated.mul_(projected.narrow(-1, 0, ff_inner));
-  x.add_(ff_out(gated));
+  // Feed-forward, a chunk of token rows at a time (rows are independent). GEGLU: the first half
+  // of the projection is the value, the second the (exact-GELU) gate.
+  const int64_t dim = x.size(-1);
+  const at::Tensor rows = x.view({-1, dim});
+  const int64_t row_bytes = ff_in.out_features() * static_cast<int64_t>(x.element_size());
+  const int64_t chunk =
+      std::max<int64_t>(64, options.feed_forward_chunk_bytes / std::max<int64_t>(1, row_bytes));
+  for (int64_t r0 = 0; r0 < rows.size(0); r0 += chunk) {
+    at::Tensor part = rows.narrow(0, r0, std::min(chunk, rows.size(0) - r0));
+    const bool own_kernel = part.scalar_type() == at::kFloat || part.scalar_type() == at::kBFloat16;
+    const at::Tensor projected = ff_in(norm3(part));
+    at::Tensor gated;
+    if (own_kernel) {
+      gated = geglu(projected);
+    } else {
+      const int64_t inner = projected.size(-1) / 2;
+      gated = at::gelu(projected.narrow(-1, inner, inner)).mul_(projected.narrow(-1, 0, inner));
+    }
+    part.add_(ff_out(gated));
+  }
   return x;
 }
 
@@ -411,8 +438,9 @@ at::Tensor SpatialSelfAttention::operator()(const at::Tensor& x, const ComputeOp
   const at::Tensor tokens = image_to_tokens(group_norm(x));
   const int64_t inner = to_q.out_features();
   const double scale = 1.0 / std::sqrt(static_cast<double>(inner / heads));
-  const at::Tensor attended = multi_head_attention(to_q(tokens), to_k(tokens), to_v(tokens), heads, scale,
-                                                   /*upcast=*/false, options.attention_max_scores);
+  const at::Tensor attended =
+      multi_head_attention(to_q(tokens), to_k(tokens), to_v(tokens), heads, scale,
+                           /*upcast=*/false, options.attention_max_scores, options.fused_attention);
   at::Tensor out = tokens_to_image(to_out(attended), height, width, options.channels_last);
   out.add_(x);
   if (rescale_output_factor != 1.0) out.div_(rescale_output_factor);

@@ -38,6 +38,13 @@ struct ComputeOptions {
   // Largest number of attention-score elements (query rows x keys, summed over the heads in a
   // chunk) materialised at once. A 64x64 latent at batch 2 with 5 heads has 168M of them.
   int64_t attention_max_scores = int64_t{4} << 20;
+  // bfloat16 attention with heads of up to 64 dimensions through the fused AMX kernel
+  // (attention_kernels.h) when the CPU has AMX-BF16; otherwise, or when false, the chunked path.
+  bool fused_attention = true;
+  // Largest feed-forward intermediate (the GEGLU projection of a chunk of tokens) in bytes: the
+  // tokens go through the feed-forward in row chunks of this size, which keeps the intermediate
+  // in cache and out of mmap'd (page-faulting) allocations.
+  int64_t feed_forward_chunk_bytes = int64_t{8} << 20;
 };
 
 struct Conv2d {
@@ -119,6 +126,11 @@ struct ResnetBlock2D {
                             int64_t out_channels, const ResnetSettings& settings);
   // temb: [B, temb_channels] or undefined (required when the block has time_emb_proj).
   at::Tensor operator()(const at::Tensor& x, const at::Tensor& temb) const;
+  // With the time embedding already projected: time_proj = time_emb_proj(act(temb)) (or
+  // time_emb_proj(temb) with skip_time_act), [B, out] or [B, 2*out] for scale_shift, any float
+  // dtype; undefined when the block has no time embedding. (The UNet projects for all its blocks
+  // in one product.)
+  at::Tensor forward_projected(const at::Tensor& x, const at::Tensor& time_proj) const;
   int64_t in_channels() const { return conv1.weight.size(1); }
   int64_t out_channels() const { return conv2.weight.size(0); }
 };
@@ -148,9 +160,11 @@ struct Upsample2D {
 // -> [B, Nq, heads*D] in that dtype. The scores of at most `max_scores` elements exist at once
 // (query rows are processed in chunks, across heads when several fit); results do not depend on
 // the chunking beyond float rounding of the matrix products. `upcast`: q and k in float32 for the
-// scores (diffusers' upcast_attention); softmax always accumulates in float32.
+// scores (diffusers' upcast_attention); softmax always accumulates in float32. `allow_fused`:
+// bfloat16 without upcast, heads of <= 64 dimensions and an AMX CPU take the fused kernel instead
+// (same formula; scores in float32, probabilities rounded to bfloat16 before the P V product).
 at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
-                                double scale, bool upcast, int64_t max_scores);
+                                double scale, bool upcast, int64_t max_scores, bool allow_fused = true);
 
 // diffusers Attention with AttnProcessor, as BasicTransformerBlock builds it: to_q, to_k, to_v
 // without bias (attention_bias=False), to_out.0 with bias.

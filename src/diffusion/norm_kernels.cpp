@@ -9,20 +9,20 @@
 #include <cstring>
 #include <vector>
 
+#include "diffusion/simd_avx512.h"
 #include "voken/error.h"
 
-// The inner loops are written so that GCC vectorises them; each hot function is compiled for
-// AVX-512, AVX2 and baseline x86-64 and picked at load time.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define VOKEN_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define VOKEN_VECTOR_CLONES
-#endif
+// GCC 12 reports its own AVX-512 reduction intrinsics (_mm512_reduce_*) as possibly reading an
+// uninitialised vector; they do not.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace voken::diffusion {
 namespace {
 
 using bf16_bits = uint16_t;
+
+// ---- scalar element access (portable path) ----------------------------------------------------
 
 inline float to_float(float v) { return v; }
 inline float to_float(bf16_bits v) {
@@ -39,52 +39,32 @@ inline void store(bf16_bits* p, float v) {
   const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   *p = static_cast<bf16_bits>((bits & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
 }
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+inline float gelu(float v) { return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f)); }
 
-// exp(x) for SiLU: Cody-Waite range reduction and Cephes' degree-6 polynomial (about 1 ulp), in
-// plain arithmetic so that loops calling it vectorise.
-inline float fast_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+bool use_avx512() {
+#ifdef VOKEN_HAVE_AVX512_KERNELS
+  return simd::cpu_has_avx512();
+#else
+  return false;
+#endif
 }
-inline float silu(float v) { return v / (1.0f + fast_exp(-v)); }
 
-// ---- inner loops (one instantiation per element type, vectorised by the compiler) -----------
+// ---- the inner loops, portable --------------------------------------------------------------
 
-// s1[c] += x[c] - shift[c]; s2[c] += (x[c] - shift[c])^2 for one NHWC pixel row.
+// s1[c] += x[c] - shift[c]; s2[c] += (x[c] - shift[c])^2 over one NHWC pixel row.
 template <typename T>
-inline void accumulate_channels(const T* __restrict x, const float* __restrict shift, float* __restrict s1,
-                                float* __restrict s2, int64_t channels) {
+void accumulate_channels(const T* x, const float* shift, float* s1, float* s2, int64_t channels) {
   for (int64_t c = 0; c < channels; ++c) {
     const float d = to_float(x[c]) - shift[c];
     s1[c] += d;
     s2[c] += d * d;
   }
 }
-VOKEN_VECTOR_CLONES void accumulate_channels_f32(const float* x, const float* shift, float* s1, float* s2,
-                                                 int64_t channels) {
-  accumulate_channels(x, shift, s1, s2, channels);
-}
-VOKEN_VECTOR_CLONES void accumulate_channels_bf16(const bf16_bits* x, const float* shift, float* s1,
-                                                  float* s2, int64_t channels) {
-  accumulate_channels(x, shift, s1, s2, channels);
-}
 
-// Shifted sum and sum of squares of a contiguous run, in 16 float lanes.
+// Shifted sum and sum of squares of a contiguous run (float partials over <= 4096 values).
 template <typename T>
-inline void accumulate_run(const T* __restrict x, int64_t n, float shift, double& sum, double& sum_sq) {
+void accumulate_run(const T* x, int64_t n, float shift, double& sum, double& sum_sq) {
   constexpr int kLanes = 16;
   float s1[kLanes] = {}, s2[kLanes] = {};
   int64_t i = 0;
@@ -94,113 +74,211 @@ inline void accumulate_run(const T* __restrict x, int64_t n, float shift, double
       s1[l] += d;
       s2[l] += d * d;
     }
-  double t1 = 0, t2 = 0;
   for (; i < n; ++i) {
-    const double d = static_cast<double>(to_float(x[i])) - shift;
-    t1 += d;
-    t2 += d * d;
+    const float d = to_float(x[i]) - shift;
+    s1[0] += d;
+    s2[0] += d * d;
   }
   for (int l = 0; l < kLanes; ++l) {
-    t1 += s1[l];
-    t2 += s2[l];
+    sum += s1[l];
+    sum_sq += s2[l];
   }
-  sum += t1;
-  sum_sq += t2;
 }
-VOKEN_VECTOR_CLONES void accumulate_run_f32(const float* x, int64_t n, float shift, double& sum,
-                                            double& sum_sq) {
+
+// y[i] = x[i] * scale[i] + offset[i] (then SiLU) over a row with per-element factors.
+template <typename T>
+void affine_row(const T* x, T* y, const float* scale, const float* offset, int64_t n, bool apply_silu) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = to_float(x[i]) * scale[i] + offset[i];
+    store(y + i, apply_silu ? silu(v) : v);
+  }
+}
+
+// y[i] = x[i] * scale + offset (then SiLU) over a plane.
+template <typename T>
+void affine_plane(const T* x, T* y, float scale, float offset, int64_t n, bool apply_silu) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = to_float(x[i]) * scale + offset;
+    store(y + i, apply_silu ? silu(v) : v);
+  }
+}
+
+// Softmax of one row into `out` (which may be `x`), through a float scratch row.
+template <typename T>
+void softmax_row(const T* x, T* out, float* scratch, int64_t n) {
+  float max = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) max = std::max(max, to_float(x[i]));
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    scratch[i] = std::exp(to_float(x[i]) - max);
+    sum += scratch[i];
+  }
+  const float inv = static_cast<float>(1.0 / sum);
+  for (int64_t i = 0; i < n; ++i) store(out + i, scratch[i] * inv);
+}
+
+// out[i] = value[i] * gelu(gate[i]).
+template <typename T>
+void geglu_row(const T* value, const T* gate, T* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) store(out + i, to_float(value[i]) * gelu(to_float(gate[i])));
+}
+
+// ---- the same loops in AVX-512 ----------------------------------------------------------------
+
+#ifdef VOKEN_HAVE_AVX512_KERNELS
+using simd::load16;
+using simd::store16;
+using simd::tail_mask;
+
+template <typename T>
+VOKEN_AVX512 void accumulate_channels_avx512(const T* x, const float* shift, float* s1, float* s2,
+                                             int64_t channels) {
+  for (int64_t c = 0; c < channels; c += 16) {
+    const __mmask16 m = tail_mask(channels - c);
+    const __m512 d = _mm512_sub_ps(load16(x + c, m), load16(shift + c, m));
+    store16(s1 + c, _mm512_add_ps(load16(s1 + c, m), d), m);
+    store16(s2 + c, _mm512_fmadd_ps(d, d, load16(s2 + c, m)), m);
+  }
+}
+
+template <typename T>
+VOKEN_AVX512 void accumulate_run_avx512(const T* x, int64_t n, float shift, double& sum, double& sum_sq) {
+  const __m512 s = _mm512_set1_ps(shift);
+  __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 d = _mm512_maskz_sub_ps(m, load16(x + i, m), s);
+    a1 = _mm512_add_ps(a1, d);
+    a2 = _mm512_fmadd_ps(d, d, a2);
+  }
+  sum += _mm512_reduce_add_ps(a1);
+  sum_sq += _mm512_reduce_add_ps(a2);
+}
+
+template <typename T>
+VOKEN_AVX512 void affine_row_avx512(const T* x, T* y, const float* scale, const float* offset, int64_t n,
+                                    bool apply_silu) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    __m512 v = _mm512_fmadd_ps(load16(x + i, m), load16(scale + i, m), load16(offset + i, m));
+    if (apply_silu) v = simd::silu16(v);
+    store16(y + i, v, m);
+  }
+}
+
+template <typename T>
+VOKEN_AVX512 void affine_plane_avx512(const T* x, T* y, float scale, float offset, int64_t n,
+                                      bool apply_silu) {
+  const __m512 a = _mm512_set1_ps(scale), b = _mm512_set1_ps(offset);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    __m512 v = _mm512_fmadd_ps(load16(x + i, m), a, b);
+    if (apply_silu) v = simd::silu16(v);
+    store16(y + i, v, m);
+  }
+}
+
+template <typename T>
+VOKEN_AVX512 void softmax_row_avx512(const T* x, T* out, float* scratch, int64_t n) {
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    vmax = _mm512_mask_max_ps(vmax, m, vmax, load16(x + i, m));
+  }
+  const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 e = _mm512_maskz_mov_ps(m, simd::exp16(_mm512_sub_ps(load16(x + i, m), max)));
+    store16(scratch + i, e, m);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    store16(out + i, _mm512_mul_ps(load16(scratch + i, m), inv), m);
+  }
+}
+
+template <typename T>
+VOKEN_AVX512 void geglu_row_avx512(const T* value, const T* gate, T* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    store16(out + i, _mm512_mul_ps(load16(value + i, m), simd::gelu16(load16(gate + i, m))), m);
+  }
+}
+
+// y[r][j] = sum_k x[r][k] w[j][k] for output columns [j_begin, j_end), four weight rows at a time.
+VOKEN_AVX512 void few_rows_gemv_avx512(const float* x, const bf16_bits* w, const float* bias, float* y,
+                                       int64_t rows, int64_t in, int64_t out, int64_t j_begin,
+                                       int64_t j_end) {
+  constexpr int kMaxRows = 8;
+  for (int64_t j = j_begin; j < j_end; ++j) {
+    __m512 acc[kMaxRows];
+    for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
+    const bf16_bits* wj = w + j * in;
+    for (int64_t k = 0; k < in; k += 16) {
+      const __mmask16 m = tail_mask(in - k);
+      const __m512 wv = load16(wj + k, m);
+      for (int r = 0; r < rows; ++r) acc[r] = _mm512_fmadd_ps(wv, load16(x + r * in + k, m), acc[r]);
+    }
+    for (int r = 0; r < rows; ++r) y[r * out + j] = _mm512_reduce_add_ps(acc[r]) + (bias ? bias[j] : 0.0f);
+  }
+}
+#endif
+
+// ---- dispatch ---------------------------------------------------------------------------------
+
+template <typename T>
+void accumulate_channels_any(const T* x, const float* shift, float* s1, float* s2, int64_t channels) {
+#ifdef VOKEN_HAVE_AVX512_KERNELS
+  if (use_avx512()) return accumulate_channels_avx512(x, shift, s1, s2, channels);
+#endif
+  accumulate_channels(x, shift, s1, s2, channels);
+}
+template <typename T>
+void accumulate_run_any(const T* x, int64_t n, float shift, double& sum, double& sum_sq) {
+#ifdef VOKEN_HAVE_AVX512_KERNELS
+  if (use_avx512()) return accumulate_run_avx512(x, n, shift, sum, sum_sq);
+#endif
   accumulate_run(x, n, shift, sum, sum_sq);
 }
-VOKEN_VECTOR_CLONES void accumulate_run_bf16(const bf16_bits* x, int64_t n, float shift, double& sum,
-                                             double& sum_sq) {
-  accumulate_run(x, n, shift, sum, sum_sq);
-}
-
-// y[i] = x[i] * scale[i] + offset[i] (then SiLU): one NHWC pixel row with per-channel factors.
 template <typename T>
-inline void affine_channels(const T* __restrict x, T* __restrict y, const float* __restrict scale,
-                            const float* __restrict offset, int64_t n, bool apply_silu) {
-  if (apply_silu) {
-    for (int64_t i = 0; i < n; ++i) store(y + i, silu(to_float(x[i]) * scale[i] + offset[i]));
-  } else {
-    for (int64_t i = 0; i < n; ++i) store(y + i, to_float(x[i]) * scale[i] + offset[i]);
-  }
+void affine_row_any(const T* x, T* y, const float* scale, const float* offset, int64_t n, bool apply_silu) {
+#ifdef VOKEN_HAVE_AVX512_KERNELS
+  if (use_avx512()) return affine_row_avx512(x, y, scale, offset, n, apply_silu);
+#endif
+  affine_row(x, y, scale, offset, n, apply_silu);
 }
-VOKEN_VECTOR_CLONES void affine_channels_f32(const float* x, float* y, const float* scale,
-                                             const float* offset, int64_t n, bool apply_silu) {
-  affine_channels(x, y, scale, offset, n, apply_silu);
-}
-VOKEN_VECTOR_CLONES void affine_channels_bf16(const bf16_bits* x, bf16_bits* y, const float* scale,
-                                              const float* offset, int64_t n, bool apply_silu) {
-  affine_channels(x, y, scale, offset, n, apply_silu);
-}
-
-// y[i] = x[i] * scale + offset (then SiLU): one NCHW plane.
 template <typename T>
-inline void affine_plane(const T* __restrict x, T* __restrict y, float scale, float offset, int64_t n,
-                         bool apply_silu) {
-  if (apply_silu) {
-    for (int64_t i = 0; i < n; ++i) store(y + i, silu(to_float(x[i]) * scale + offset));
-  } else {
-    for (int64_t i = 0; i < n; ++i) store(y + i, to_float(x[i]) * scale + offset);
-  }
-}
-VOKEN_VECTOR_CLONES void affine_plane_f32(const float* x, float* y, float scale, float offset, int64_t n,
-                                          bool apply_silu) {
+void affine_plane_any(const T* x, T* y, float scale, float offset, int64_t n, bool apply_silu) {
+#ifdef VOKEN_HAVE_AVX512_KERNELS
+  if (use_avx512()) return affine_plane_avx512(x, y, scale, offset, n, apply_silu);
+#endif
   affine_plane(x, y, scale, offset, n, apply_silu);
 }
-VOKEN_VECTOR_CLONES void affine_plane_bf16(const bf16_bits* x, bf16_bits* y, float scale, float offset,
-                                           int64_t n, bool apply_silu) {
-  affine_plane(x, y, scale, offset, n, apply_silu);
-}
-
-// y = (x - mean) * rstd * w + b over one row.
 template <typename T>
-inline void normalize_row(const T* __restrict x, T* __restrict y, const float* __restrict w,
-                          const float* __restrict b, float mean, float rstd, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) store(y + i, (to_float(x[i]) - mean) * rstd * w[i] + b[i]);
-}
-VOKEN_VECTOR_CLONES void normalize_row_f32(const float* x, float* y, const float* w, const float* b,
-                                           float mean, float rstd, int64_t n) {
-  normalize_row(x, y, w, b, mean, rstd, n);
-}
-VOKEN_VECTOR_CLONES void normalize_row_bf16(const bf16_bits* x, bf16_bits* y, const float* w, const float* b,
-                                            float mean, float rstd, int64_t n) {
-  normalize_row(x, y, w, b, mean, rstd, n);
+void softmax_row_any(const T* x, T* out, float* scratch, int64_t n) {
+#ifdef VOKEN_HAVE_AVX512_KERNELS
+  if (use_avx512()) return softmax_row_avx512(x, out, scratch, n);
+#endif
+  softmax_row(x, out, scratch, n);
 }
 
-inline void accumulate_channels_of(const float* x, const float* shift, float* s1, float* s2, int64_t c) {
-  accumulate_channels_f32(x, shift, s1, s2, c);
+template <typename T>
+void geglu_row_any(const T* value, const T* gate, T* out, int64_t n) {
+#ifdef VOKEN_HAVE_AVX512_KERNELS
+  if (use_avx512()) return geglu_row_avx512(value, gate, out, n);
+#endif
+  geglu_row(value, gate, out, n);
 }
-inline void accumulate_channels_of(const bf16_bits* x, const float* shift, float* s1, float* s2, int64_t c) {
-  accumulate_channels_bf16(x, shift, s1, s2, c);
-}
-inline void accumulate_run_of(const float* x, int64_t n, float shift, double& s, double& q) {
-  accumulate_run_f32(x, n, shift, s, q);
-}
-inline void accumulate_run_of(const bf16_bits* x, int64_t n, float shift, double& s, double& q) {
-  accumulate_run_bf16(x, n, shift, s, q);
-}
-inline void affine_channels_of(const float* x, float* y, const float* a, const float* b, int64_t n, bool s) {
-  affine_channels_f32(x, y, a, b, n, s);
-}
-inline void affine_channels_of(const bf16_bits* x, bf16_bits* y, const float* a, const float* b, int64_t n,
-                               bool s) {
-  affine_channels_bf16(x, y, a, b, n, s);
-}
-inline void affine_plane_of(const float* x, float* y, float a, float b, int64_t n, bool s) {
-  affine_plane_f32(x, y, a, b, n, s);
-}
-inline void affine_plane_of(const bf16_bits* x, bf16_bits* y, float a, float b, int64_t n, bool s) {
-  affine_plane_bf16(x, y, a, b, n, s);
-}
-inline void normalize_row_of(const float* x, float* y, const float* w, const float* b, float m, float r,
-                             int64_t n) {
-  normalize_row_f32(x, y, w, b, m, r, n);
-}
-inline void normalize_row_of(const bf16_bits* x, bf16_bits* y, const float* w, const float* b, float m,
-                             float r, int64_t n) {
-  normalize_row_bf16(x, y, w, b, m, r, n);
+
+template <typename T>
+void geglu_rows(const T* projected, T* out, int64_t rows, int64_t inner) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / inner), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      geglu_row_any(projected + r * 2 * inner, projected + r * 2 * inner + inner, out + r * inner, inner);
+  });
 }
 
 std::vector<float> as_floats(const at::Tensor& t) {
@@ -244,14 +322,14 @@ void group_norm_nchw(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
       const T* base = x + bg * span;
       shift[bg] = to_float(base[0]);
       for (int64_t i = 0; i < span; i += kRun)
-        accumulate_run_of(base + i, std::min(kRun, span - i), shift[bg], sum[bg], sum_sq[bg]);
+        accumulate_run_any(base + i, std::min(kRun, span - i), shift[bg], sum[bg], sum_sq[bg]);
     }
   });
   std::vector<float> scale, offset;
   group_factors(sum, sum_sq, shift, batch, channels, groups, span, weight, bias, eps, scale, offset);
   at::parallel_for(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bc = begin; bc < end; ++bc)
-      affine_plane_of(x + bc * spatial, y + bc * spatial, scale[bc], offset[bc], spatial, apply_silu);
+      affine_plane_any(x + bc * spatial, y + bc * spatial, scale[bc], offset[bc], spatial, apply_silu);
   });
 }
 
@@ -262,7 +340,7 @@ void group_norm_nhwc(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
   const int64_t per_group = channels / groups;
   constexpr int64_t kPixelsPerChunk = 128;  // float per-channel partial sums over this many pixels
   const int64_t chunks = (spatial + kPixelsPerChunk - 1) / kPixelsPerChunk;
-  // Shift: the group's first value, per channel for the vectorised row loop.
+  // Shift: the group's first value, per channel for the row loop.
   std::vector<float> group_shift(batch * groups), channel_shift(batch * channels);
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t c = 0; c < channels; ++c) {
@@ -279,8 +357,8 @@ void group_norm_nhwc(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
       std::fill(s2.begin(), s2.end(), 0.0f);
       const int64_t p_end = std::min(spatial, (chunk + 1) * kPixelsPerChunk);
       for (int64_t p = chunk * kPixelsPerChunk; p < p_end; ++p)
-        accumulate_channels_of(x + (b * spatial + p) * channels, channel_shift.data() + b * channels,
-                               s1.data(), s2.data(), channels);
+        accumulate_channels_any(x + (b * spatial + p) * channels, channel_shift.data() + b * channels,
+                                s1.data(), s2.data(), channels);
       for (int64_t c = 0; c < channels; ++c) {
         partial1[task * channels + c] = s1[c];
         partial2[task * channels + c] = s2[c];
@@ -301,8 +379,8 @@ void group_norm_nhwc(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
   at::parallel_for(0, batch * spatial, 64, [&](int64_t begin, int64_t end) {
     for (int64_t bp = begin; bp < end; ++bp) {
       const int64_t b = bp / spatial;
-      affine_channels_of(x + bp * channels, y + bp * channels, scale.data() + b * channels,
-                         offset.data() + b * channels, channels, apply_silu);
+      affine_row_any(x + bp * channels, y + bp * channels, scale.data() + b * channels,
+                     offset.data() + b * channels, channels, apply_silu);
     }
   });
 }
@@ -311,21 +389,94 @@ template <typename T>
 void layer_norm_rows(const T* x, T* y, int64_t rows, int64_t dim, const std::vector<float>& weight,
                      const std::vector<float>& bias, double eps) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> scale(dim), offset(dim);
     for (int64_t r = begin; r < end; ++r) {
       const T* row = x + r * dim;
-      // Shift by the row's first value, then an exact-enough mean and variance in one pass.
+      // Shifted by the row's first value: an exact-enough mean and variance in one pass.
       const float shift = to_float(row[0]);
       double sum = 0, sum_sq = 0;
-      accumulate_run_of(row, dim, shift, sum, sum_sq);
+      for (int64_t i = 0; i < dim; i += 4096)
+        accumulate_run_any(row + i, std::min<int64_t>(4096, dim - i), shift, sum, sum_sq);
       const double mean_shifted = sum / dim;
       const double var = std::max(0.0, sum_sq / dim - mean_shifted * mean_shifted);
-      normalize_row_of(row, y + r * dim, weight.data(), bias.data(), static_cast<float>(shift + mean_shifted),
-                       static_cast<float>(1.0 / std::sqrt(var + eps)), dim);
+      const double mean = shift + mean_shifted;
+      const double rstd = 1.0 / std::sqrt(var + eps);
+      // y = x * (rstd * w) + (b - mean * rstd * w)
+      for (int64_t i = 0; i < dim; ++i) {
+        scale[i] = static_cast<float>(rstd * weight[i]);
+        offset[i] = static_cast<float>(bias[i] - mean * rstd * weight[i]);
+      }
+      affine_row_any(row, y + r * dim, scale.data(), offset.data(), dim, false);
     }
   });
 }
 
+template <typename T>
+void softmax_rows(T* data, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(n);
+    for (int64_t r = begin; r < end; ++r) softmax_row_any(data + r * n, data + r * n, scratch.data(), n);
+  });
+}
+
 }  // namespace
+
+void softmax_lastdim_(at::Tensor& x) {
+  const auto dtype = x.scalar_type();
+  if (!x.is_contiguous() || x.dim() < 1 || (dtype != at::kFloat && dtype != at::kBFloat16))
+    throw ArgumentError("softmax_lastdim_: expected a contiguous float32 or bfloat16 tensor");
+  const int64_t n = x.size(-1);
+  if (x.numel() == 0 || n == 0) return;
+  const int64_t rows = x.numel() / n;
+  if (dtype == at::kFloat)
+    softmax_rows(x.data_ptr<float>(), rows, n);
+  else
+    softmax_rows(reinterpret_cast<bf16_bits*>(x.data_ptr<at::BFloat16>()), rows, n);
+}
+
+at::Tensor geglu(const at::Tensor& input) {
+  const auto dtype = input.scalar_type();
+  if (input.dim() < 1 || input.size(-1) % 2 != 0 || (dtype != at::kFloat && dtype != at::kBFloat16))
+    throw ArgumentError("geglu: expected a float32/bfloat16 tensor with an even last dimension");
+  const at::Tensor x = input.contiguous();
+  const int64_t inner = x.size(-1) / 2;
+  auto sizes = x.sizes().vec();
+  sizes.back() = inner;
+  at::Tensor y = at::empty(sizes, x.options());
+  if (y.numel() == 0) return y;
+  const int64_t rows = y.numel() / inner;
+  if (dtype == at::kFloat)
+    geglu_rows(x.data_ptr<float>(), y.data_ptr<float>(), rows, inner);
+  else
+    geglu_rows(reinterpret_cast<const bf16_bits*>(x.data_ptr<at::BFloat16>()),
+               reinterpret_cast<bf16_bits*>(y.data_ptr<at::BFloat16>()), rows, inner);
+  return y;
+}
+
+bool has_few_rows_linear_bf16() { return use_avx512(); }
+
+at::Tensor few_rows_linear_bf16(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  constexpr int64_t kMaxRows = 8;
+  if (!use_avx512() || x.dim() != 2 || x.scalar_type() != at::kFloat || x.size(0) > kMaxRows ||
+      weight.dim() != 2 || weight.scalar_type() != at::kBFloat16 || !weight.is_contiguous() ||
+      weight.size(1) != x.size(1) ||
+      (bias.defined() && (bias.scalar_type() != at::kFloat || bias.numel() != weight.size(0))))
+    throw ArgumentError(
+        "few_rows_linear_bf16: expected x float32 [<= 8, in], weight bfloat16 [out, in], bias "
+        "float32 [out] on an AVX-512 CPU");
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor bc = bias.defined() ? bias.contiguous() : bias;
+  const int64_t rows = xc.size(0), in = xc.size(1), out = weight.size(0);
+  at::Tensor y = at::empty({rows, out}, xc.options());
+#ifdef VOKEN_HAVE_AVX512_KERNELS
+  const auto* w = reinterpret_cast<const bf16_bits*>(weight.data_ptr<at::BFloat16>());
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    few_rows_gemv_avx512(xc.data_ptr<float>(), w, bc.defined() ? bc.data_ptr<float>() : nullptr,
+                         y.data_ptr<float>(), rows, in, out, begin, end);
+  });
+#endif
+  return y;
+}
 
 at::Tensor group_norm(const at::Tensor& input, int64_t groups, const at::Tensor& weight,
                       const at::Tensor& bias, double eps, bool silu) {

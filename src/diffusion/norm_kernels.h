@@ -1,4 +1,5 @@
-// Group norm and layer norm kernels for float32 and bfloat16 activations on CPU.
+// Group norm, layer norm, softmax, GEGLU and few-row bfloat16 linear kernels for float32 and bfloat16
+// activations on CPU.
 //
 // Why not at::group_norm / at::layer_norm: in libtorch 1.13 (CPU) their bfloat16 kernels lose
 // precision badly (max errors of 5-20 for a channels-last group norm over 64x64 maps, >1 for a
@@ -19,5 +20,23 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
 
 // Over the last dimension. x: float32 or bfloat16 (made contiguous). Returns x's dtype.
 at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
+
+// softmax over the last dimension, in place, for a contiguous float32 or bfloat16 tensor; float32
+// arithmetic. (libtorch 1.13's CPU softmax runs at about a tenth of memory speed on bfloat16
+// attention scores, which made it the largest single cost of a 64x64-latent UNet step.)
+void softmax_lastdim_(at::Tensor& x);
+
+// GEGLU: projected [..., 2*inner] (the value half, then the gate half; float32 or bfloat16, made
+// contiguous) -> value * gelu(gate) [..., inner] in the same dtype; GELU is the exact (erf) one,
+// here to ~2e-7 relative. One pass instead of libtorch's erf GELU (which alone took ~5% of a
+// bfloat16 UNet step) plus a multiply.
+at::Tensor geglu(const at::Tensor& projected);
+
+// y = x W^T + b for a few rows: x float32 [rows, in], W bfloat16 [out, in] contiguous, b float32
+// [out] or undefined -> float32 [rows, out]. Reads W once, at memory speed; oneDNN's bfloat16
+// matmul repacks W on every call, ~10x slower at two rows. Requires AVX-512 (cpu_has_avx512()).
+at::Tensor few_rows_linear_bf16(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
+// Whether few_rows_linear_bf16 is available here.
+bool has_few_rows_linear_bf16();
 
 }  // namespace voken::diffusion

@@ -7,6 +7,7 @@
 #include <set>
 #include <sstream>
 
+#include "diffusion/norm_kernels.h"
 #include "voken/error.h"
 
 namespace voken::diffusion {
@@ -376,6 +377,30 @@ UNet2DCondition::UNet2DCondition(const UNetConfig& config, io::WeightLoader& wei
   conv_out_ = Conv2d::load(weights, "conv_out.", channels[0], config.out_channels, config.conv_out_kernel, 1,
                            (config.conv_out_kernel - 1) / 2, cl);
 
+  // One product for all time embedding projections per step instead of one tiny matrix product
+  // per resnet (see project_time).
+  std::vector<ResnetBlock2D*> resnets;
+  for (auto& block : down_blocks_)
+    for (auto& r : block.resnets) resnets.push_back(&r);
+  if (mid_block_)
+    for (auto& r : mid_block_->resnets) resnets.push_back(&r);
+  for (auto& block : up_blocks_)
+    for (auto& r : block.resnets) resnets.push_back(&r);
+  std::vector<at::Tensor> proj_weights, proj_biases;
+  for (const auto* r : resnets) {
+    proj_weights.push_back(r->time_emb_proj->weight);
+    proj_biases.push_back(r->time_emb_proj->bias);
+  }
+  time_proj_weight_ = at::cat(proj_weights, 0).contiguous();
+  time_proj_bias_ = at::cat(proj_biases, 0).to(at::kFloat).contiguous();
+  int64_t offset = 0;
+  for (auto* r : resnets) {
+    const int64_t width = r->time_emb_proj->weight.size(0);
+    r->time_emb_proj->weight = time_proj_weight_.narrow(0, offset, width);
+    time_proj_offsets_.push_back(offset);
+    offset += width;
+  }
+
   if (context_dims.size() > 1) {
     std::vector<int64_t> dims(context_dims.begin(), context_dims.end());
     throw ConfigError("UNet2DCondition: cross-attention layers expect different context widths " +
@@ -406,6 +431,13 @@ at::Tensor UNet2DCondition::time_embedding(const at::Tensor& timestep, int64_t b
   if (timestep_post_act_) emb = activate(emb, *timestep_post_act_);
   if (time_embedding_act_) emb = activate(emb, *time_embedding_act_);
   return emb;
+}
+
+at::Tensor UNet2DCondition::project_time(const at::Tensor& emb) const {
+  const at::Tensor act = config_.resnet_skip_time_act ? emb : activate(emb, activation_);
+  if (time_proj_weight_.scalar_type() == at::kBFloat16 && act.size(0) <= 8 && has_few_rows_linear_bf16())
+    return few_rows_linear_bf16(act.to(at::kFloat), time_proj_weight_, time_proj_bias_);
+  return at::linear(act, time_proj_weight_, time_proj_bias_.to(act.scalar_type()));
 }
 
 at::Tensor UNet2DCondition::forward(const at::Tensor& sample, double timestep,
@@ -450,11 +482,18 @@ at::Tensor UNet2DCondition::forward(const at::Tensor& sample, const at::Tensor& 
   const at::Tensor context =
       encoder_hidden_states.defined() ? encoder_hidden_states.to(dtype_).contiguous() : at::Tensor();
 
+  const at::Tensor time_proj = project_time(emb);
+  std::size_t next_resnet = 0;  // blocks run in the order their projections were concatenated
+  const auto resnet = [&](const ResnetBlock2D& block, const at::Tensor& input) {
+    const int64_t width = block.time_emb_proj->weight.size(0);
+    return block.forward_projected(input, time_proj.narrow(1, time_proj_offsets_[next_resnet++], width));
+  };
+
   x = conv_in_(x);
   std::vector<at::Tensor> skips{x};
   for (const auto& block : down_blocks_) {
     for (std::size_t j = 0; j < block.resnets.size(); ++j) {
-      x = block.resnets[j](x, emb);
+      x = resnet(block.resnets[j], x);
       if (!block.attentions.empty()) x = block.attentions[j](x, context, options_);
       skips.push_back(x);
     }
@@ -464,17 +503,17 @@ at::Tensor UNet2DCondition::forward(const at::Tensor& sample, const at::Tensor& 
     }
   }
   if (mid_block_) {
-    x = mid_block_->resnets[0](x, emb);
+    x = resnet(mid_block_->resnets[0], x);
     for (std::size_t j = 0; j < mid_block_->attentions.size(); ++j) {
       x = mid_block_->attentions[j](x, context, options_);
-      x = mid_block_->resnets[j + 1](x, emb);
+      x = resnet(mid_block_->resnets[j + 1], x);
     }
   }
   for (const auto& block : up_blocks_) {
     for (std::size_t j = 0; j < block.resnets.size(); ++j) {
       x = at::cat({x, skips.back()}, 1);
       skips.pop_back();
-      x = block.resnets[j](x, emb);
+      x = resnet(block.resnets[j], x);
       if (!block.attentions.empty()) x = block.attentions[j](x, context, options_);
     }
     if (block.upsampler) {

@@ -119,6 +119,8 @@ class UNet2DCondition {
   };
 
   at::Tensor time_embedding(const at::Tensor& timestep, int64_t batch) const;
+  // Every resnet's time_emb_proj(act(emb)) in one product: [B, sum of widths], float32 or dtype.
+  at::Tensor project_time(const at::Tensor& emb) const;
 
   UNetConfig config_;
   ComputeOptions options_;
@@ -132,6 +134,10 @@ class UNet2DCondition {
   std::optional<MidBlock> mid_block_;
   std::vector<UpBlock> up_blocks_;
   GroupNorm conv_norm_out_;
+  // The resnets' time_emb_proj weights concatenated in forward order (each block's Linear views
+  // its rows), the biases as float32, and each block's first row.
+  at::Tensor time_proj_weight_, time_proj_bias_;
+  std::vector<int64_t> time_proj_offsets_;
 };
 
 }  // namespace voken::diffusion

@@ -14,6 +14,7 @@
 #include <string>
 
 #include "common/test_support.h"
+#include "diffusion/attention_kernels.h"
 #include "diffusion/nn_blocks.h"
 #include "diffusion/norm_kernels.h"
 #include "diffusion/random_diffusers_model.h"
@@ -353,6 +354,52 @@ TEST(Attention, ChunkedEqualsWholeScoreMatrix) {
   for (const int64_t budget : {int64_t{1}, keys, 7 * keys, queries * keys, 4 * queries * keys}) {
     const at::Tensor chunked = multi_head_attention(q, k, v, heads, scale, false, budget);
     EXPECT_LT(max_abs_diff(chunked, whole), 1e-6) << "budget " << budget;
+  }
+  // bfloat16: the fused AMX kernel (where the CPU has it) and the chunked path agree with the
+  // float64 reference to bfloat16 accuracy, for head sizes that fill 1-4 output tiles, partial
+  // query and key blocks, strided (fused-qkv-like) inputs, cross-attention lengths like 77.
+  for (const int64_t dim : {int64_t{8}, int64_t{40}, int64_t{64}}) {
+    for (const auto& [nq, nk] : std::vector<std::pair<int64_t, int64_t>>{{50, 37}, {16, 77}, {100, 200}}) {
+      // Unit-variance inputs: scores of O(1). (The chunked path rounds scores to bfloat16, as
+      // diffusers does, which costs ~2^-9 of their magnitude in the exponent; the fused kernel
+      // keeps them in float32 and is checked on sharp score ranges below.)
+      const at::Tensor qkv = at::randn({batch, nq, 3 * heads * dim}, generator, f32);
+      const at::Tensor kv = at::randn({batch, nk, 2 * heads * dim}, generator, f32);
+      const at::Tensor qb = qkv.to(at::kBFloat16).narrow(2, heads * dim, heads * dim);  // strided rows
+      const at::Tensor kb = kv.to(at::kBFloat16).narrow(2, 0, heads * dim);
+      const at::Tensor vb = kv.to(at::kBFloat16).narrow(2, heads * dim, heads * dim);
+      const double s = 1 / std::sqrt(static_cast<double>(dim));
+      const auto split_d = [&](const at::Tensor& t, int64_t n) {
+        return t.to(at::kDouble).reshape({batch, n, heads, dim}).permute({0, 2, 1, 3});
+      };
+      const at::Tensor ref =
+          at::matmul(at::softmax(at::matmul(split_d(qb, nq), split_d(kb, nk).transpose(-1, -2)) * s, -1),
+                     split_d(vb, nk))
+              .permute({0, 2, 1, 3})
+              .reshape({batch, nq, heads * dim});
+      const double tol = 0.02 * ref.abs().max().item<double>();
+      const at::Tensor chunked = multi_head_attention(qb, kb, vb, heads, s, false, 64, /*allow_fused=*/false);
+      EXPECT_LT(max_abs_diff(chunked, ref), 2.5 * tol) << "chunked dim " << dim << " nq " << nq << " nk " << nk;
+      if (has_amx_bf16()) {
+        const at::Tensor fused = fused_attention_bf16(qb, kb, vb, heads, s);
+        EXPECT_EQ(fused.sizes(), ref.sizes());
+        EXPECT_LT(max_abs_diff(fused, ref), tol) << "fused dim " << dim << " nq " << nq << " nk " << nk;
+        EXPECT_TRUE(at::isfinite(fused).all().item<bool>());
+      }
+    }
+  }
+  // A row whose maximum appears late (rescaling of the resident output) and large score ranges.
+  if (has_amx_bf16()) {
+    at::Tensor qs = at::ones({1, 16, 64}) * 0.5;
+    at::Tensor ks = at::randn({1, 300, 64}, generator, f32);
+    ks.narrow(1, 250, 10).mul_(20);
+    const at::Tensor vs = at::randn({1, 300, 64}, generator, f32);
+    const at::Tensor ref = multi_head_attention(qs, ks, vs, 1, 0.125, false, int64_t{1} << 30);
+    const at::Tensor fused =
+        fused_attention_bf16(qs.to(at::kBFloat16), ks.to(at::kBFloat16), vs.to(at::kBFloat16), 1, 0.125);
+    EXPECT_LT(max_abs_diff(fused, ref), 0.03 * ref.abs().max().item<double>() + 0.02);
+  } else {
+    std::printf("note: no AMX-BF16 on this CPU; the fused attention kernel is not exercised\n");
   }
   // upcast (float32 scores) on bfloat16 inputs stays close to the float32 result.
   const at::Tensor bf16 = multi_head_attention(q.to(at::kBFloat16), k.to(at::kBFloat16), v.to(at::kBFloat16),
