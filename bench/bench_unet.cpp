@@ -457,6 +457,8 @@ int main(int argc, char** argv) {
       skip_fp32 = true;
     else if (arg == "--only" && i + 1 < argc)
       only = argv[++i];
+    else if (arg == "--nchw")
+      compute.channels_last = false;
     else if (arg == "--attention-budget" && i + 1 < argc)
       compute.attention_max_scores = std::atoll(argv[++i]);
     else {

@@ -5,7 +5,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <vector>
 
 #include "diffusion/simd_avx512.h"
@@ -48,9 +51,9 @@ bool detect_amx() {
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
-constexpr int kRows = 16;    // queries per block: the tile height
-constexpr int kKeys = 32;    // key padding granule: one 32-deep P tile
-constexpr int kChunk = 256;  // keys per softmax chunk: S for 16 x 256 scores, then P V over them
+constexpr int kRows = 16;     // queries per block: the tile height
+constexpr int kKeys = 32;     // key padding granule: one 32-deep P tile
+constexpr int kChunk = 1024;  // keys per softmax chunk (fewest AMX/AVX-512 switches that stay in L1/L2)
 // The running row maximum is only raised (and the output rescaled) when a chunk's scores exceed
 // it by more than this (after scaling): exp() arguments stay below it, so nothing overflows and
 // the sums stay exact to float rounding, while rescales become rare after the first chunks.
@@ -103,10 +106,11 @@ VOKEN_AMX inline bf16_bits float_to_bf16(float v) {
   return static_cast<bf16_bits>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
-// One 16-row query block against all keys, in 256-key chunks:
+// One 16-row query block against all keys, in 1024-key chunks (switching between AMX and
+// AVX-512 work has a cost; per 256 keys it was a third of the time):
 //   1. S = Q K^T for the chunk: 64 keys per step in four accumulator tiles (independent chains),
 //      B tiles alternating so that loads need not wait for the previous product;
-//   2. online softmax of the 16 x 256 scores in AVX-512 (float32), P rounded to bfloat16;
+//   2. online softmax of the chunk's 16 x 1024 scores in AVX-512 (float32), P rounded to bfloat16;
 //   3. O += P V, O's four tiles loaded from and stored to an L1 buffer once per chunk (so that a
 //      rescale is a plain multiply of that buffer).
 // Tiles: 0 and 3 A (Q or P), 1 and 6 (S phase) / 1 and 2 (P V phase) B, 2-5 S, 4-7 O.
@@ -120,9 +124,13 @@ VOKEN_AMX void run_blocks(const Problem& p, int64_t begin, int64_t end) {
   _tile_loadconfig(&config);
 
   alignas(64) bf16_bits qbuf[kRows * 64];
-  alignas(64) float sbuf[kRows * kChunk];
-  alignas(64) bf16_bits pbuf[kRows * kChunk];
   alignas(64) float obuf[kRows * 64];
+  // Scores (64 KiB) and probabilities (32 KiB) of a chunk: on the heap, not the worker's stack.
+  const std::unique_ptr<void, decltype(&std::free)> scratch(
+      std::aligned_alloc(64, kRows * kChunk * (sizeof(float) + sizeof(bf16_bits))), &std::free);
+  if (!scratch) throw std::bad_alloc();
+  float* const sbuf = static_cast<float*>(scratch.get());
+  bf16_bits* const pbuf = reinterpret_cast<bf16_bits*>(sbuf + kRows * kChunk);
   alignas(64) float lsum[kRows * 16];
   float row_max[kRows];
 

@@ -128,6 +128,19 @@ at::Tensor GroupNorm::operator()(const at::Tensor& x, std::optional<Activation> 
   return y;
 }
 
+void GroupNorm::apply_(at::Tensor& x, std::optional<Activation> activation) const {
+  const auto dtype = x.scalar_type();
+  const bool layout_ok =
+      x.is_contiguous() || (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast));
+  if ((dtype != at::kFloat && dtype != at::kBFloat16) || !layout_ok) {
+    x = (*this)(x, activation);
+    return;
+  }
+  const bool fused_silu = activation == Activation::Silu;
+  group_norm_(x, groups, weight, bias, eps, fused_silu);
+  if (activation && !fused_silu) activate_(x, *activation);
+}
+
 LayerNorm LayerNorm::load(io::WeightLoader& weights, const std::string& prefix, int64_t dim, double eps) {
   LayerNorm norm;
   norm.weight = weights.take(prefix + "weight", {dim});
@@ -185,15 +198,15 @@ at::Tensor ResnetBlock2D::forward_projected(const at::Tensor& x, const at::Tenso
     const auto per_channel = [&](const at::Tensor& v) { return v.reshape({v.size(0), v.size(1), 1, 1}); };
     if (time_embedding_norm == TimeEmbeddingNorm::ScaleShift) {
       const auto halves = t.chunk(2, 1);
-      h = norm2(h);
+      norm2.apply_(h);
       h.mul_(per_channel(halves[0]) + 1).add_(per_channel(halves[1]));
       activate_(h, activation);
     } else {
       h.add_(per_channel(t));
-      h = norm2(h, activation);
+      norm2.apply_(h, activation);
     }
   } else {
-    h = norm2(h, activation);
+    norm2.apply_(h, activation);
   }
   h = conv2(h);
   h.add_(conv_shortcut ? (*conv_shortcut)(x) : x);

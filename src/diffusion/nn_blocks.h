@@ -87,6 +87,8 @@ struct GroupNorm {
   // x: [B, C, H, W] in any memory order (kept). Statistics in float32 whatever the dtype.
   // `activation`: applied after the affine transform (ResnetBlock2D, the output heads).
   at::Tensor operator()(const at::Tensor& x, std::optional<Activation> activation = std::nullopt) const;
+  // In place on x (NCHW-contiguous or channels-last), e.g. a convolution's fresh output.
+  void apply_(at::Tensor& x, std::optional<Activation> activation = std::nullopt) const;
 };
 
 struct LayerNorm {

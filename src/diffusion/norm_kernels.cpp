@@ -478,22 +478,29 @@ at::Tensor few_rows_linear_bf16(const at::Tensor& x, const at::Tensor& weight, c
   return y;
 }
 
-at::Tensor group_norm(const at::Tensor& input, int64_t groups, const at::Tensor& weight,
-                      const at::Tensor& bias, double eps, bool silu) {
+namespace {
+
+void check_group_norm(const at::Tensor& input, int64_t groups, const at::Tensor& weight,
+                      const at::Tensor& bias) {
   const auto dtype = input.scalar_type();
   if (input.dim() < 2 || (dtype != at::kFloat && dtype != at::kBFloat16) || groups <= 0 ||
       input.size(1) % groups != 0 || weight.numel() != input.size(1) || bias.numel() != input.size(1))
     throw ArgumentError("group_norm: expected a float32/bfloat16 [B, C, ...] tensor with C divisible by " +
                         std::to_string(groups) + " groups and [C] weight and bias");
-  const int64_t batch = input.size(0), channels = input.size(1);
-  const int64_t spatial = channels == 0 || batch == 0 ? 0 : input.numel() / (batch * channels);
-  const bool nhwc =
-      input.dim() == 4 && !input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor x = nhwc ? input : input.contiguous();
-  at::Tensor y = at::empty_like(x, nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  if (x.numel() == 0) return y;
+}
+
+bool is_nhwc(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// y may be x (every value is read before it is written, at the same index).
+void group_norm_into(const at::Tensor& x, const at::Tensor& y, int64_t groups, const at::Tensor& weight,
+                     const at::Tensor& bias, double eps, bool silu, bool nhwc) {
+  const int64_t batch = x.size(0), channels = x.size(1);
+  const int64_t spatial = channels == 0 || batch == 0 ? 0 : x.numel() / (batch * channels);
+  if (x.numel() == 0) return;
   const auto w = as_floats(weight), b = as_floats(bias);
-  if (dtype == at::kFloat) {
+  if (x.scalar_type() == at::kFloat) {
     const auto* xp = x.data_ptr<float>();
     auto* yp = y.data_ptr<float>();
     nhwc ? group_norm_nhwc(xp, yp, batch, channels, spatial, groups, w, b, eps, silu)
@@ -504,7 +511,28 @@ at::Tensor group_norm(const at::Tensor& input, int64_t groups, const at::Tensor&
     nhwc ? group_norm_nhwc(xp, yp, batch, channels, spatial, groups, w, b, eps, silu)
          : group_norm_nchw(xp, yp, batch, channels, spatial, groups, w, b, eps, silu);
   }
+}
+
+}  // namespace
+
+at::Tensor group_norm(const at::Tensor& input, int64_t groups, const at::Tensor& weight,
+                      const at::Tensor& bias, double eps, bool silu) {
+  check_group_norm(input, groups, weight, bias);
+  const bool nhwc = is_nhwc(input);
+  const at::Tensor x = nhwc ? input : input.contiguous();
+  const at::Tensor y =
+      at::empty_like(x, nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  group_norm_into(x, y, groups, weight, bias, eps, silu, nhwc);
   return y;
+}
+
+void group_norm_(at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias, double eps,
+                 bool silu) {
+  check_group_norm(x, groups, weight, bias);
+  const bool nhwc = is_nhwc(x);
+  if (!nhwc && !x.is_contiguous())
+    throw ArgumentError("group_norm_: x must be NCHW-contiguous or channels-last");
+  group_norm_into(x, x, groups, weight, bias, eps, silu, nhwc);
 }
 
 at::Tensor layer_norm(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps) {

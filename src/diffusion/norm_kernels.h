@@ -17,6 +17,10 @@ namespace voken::diffusion {
 // made contiguous first). weight, bias: [C] (any float dtype). Returns x's dtype and memory order.
 at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
                       double eps, bool silu);
+// The same, writing over x (which must be NCHW-contiguous or channels-last): no new allocation,
+// which matters for the VAE's 512x512 maps (each fresh buffer is mmap'd and page-faulted).
+void group_norm_(at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias, double eps,
+                 bool silu);
 
 // Over the last dimension. x: float32 or bfloat16 (made contiguous). Returns x's dtype.
 at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);

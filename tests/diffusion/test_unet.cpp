@@ -359,7 +359,8 @@ TEST(Attention, ChunkedEqualsWholeScoreMatrix) {
   // float64 reference to bfloat16 accuracy, for head sizes that fill 1-4 output tiles, partial
   // query and key blocks, strided (fused-qkv-like) inputs, cross-attention lengths like 77.
   for (const int64_t dim : {int64_t{8}, int64_t{40}, int64_t{64}}) {
-    for (const auto& [nq, nk] : std::vector<std::pair<int64_t, int64_t>>{{50, 37}, {16, 77}, {100, 200}}) {
+    for (const auto& [nq, nk] :
+         std::vector<std::pair<int64_t, int64_t>>{{50, 37}, {16, 77}, {100, 200}, {20, 1100}}) {
       // Unit-variance inputs: scores of O(1). (The chunked path rounds scores to bfloat16, as
       // diffusers does, which costs ~2^-9 of their magnitude in the exponent; the fused kernel
       // keeps them in float32 and is checked on sharp score ranges below.)
@@ -379,7 +380,8 @@ TEST(Attention, ChunkedEqualsWholeScoreMatrix) {
               .reshape({batch, nq, heads * dim});
       const double tol = 0.02 * ref.abs().max().item<double>();
       const at::Tensor chunked = multi_head_attention(qb, kb, vb, heads, s, false, 64, /*allow_fused=*/false);
-      EXPECT_LT(max_abs_diff(chunked, ref), 2.5 * tol) << "chunked dim " << dim << " nq " << nq << " nk " << nk;
+      EXPECT_LT(max_abs_diff(chunked, ref), 2.5 * tol)
+          << "chunked dim " << dim << " nq " << nq << " nk " << nk;
       if (has_amx_bf16()) {
         const at::Tensor fused = fused_attention_bf16(qb, kb, vb, heads, s);
         EXPECT_EQ(fused.sizes(), ref.sizes());
@@ -391,9 +393,11 @@ TEST(Attention, ChunkedEqualsWholeScoreMatrix) {
   // A row whose maximum appears late (rescaling of the resident output) and large score ranges.
   if (has_amx_bf16()) {
     at::Tensor qs = at::ones({1, 16, 64}) * 0.5;
-    at::Tensor ks = at::randn({1, 300, 64}, generator, f32);
-    ks.narrow(1, 250, 10).mul_(20);
-    const at::Tensor vs = at::randn({1, 300, 64}, generator, f32);
+    // Keys over three of the kernel's 1024-key chunks (the last one partial), the largest scores
+    // in the last chunk.
+    at::Tensor ks = at::randn({1, 2500, 64}, generator, f32);
+    ks.narrow(1, 2300, 10).mul_(20);
+    const at::Tensor vs = at::randn({1, 2500, 64}, generator, f32);
     const at::Tensor ref = multi_head_attention(qs, ks, vs, 1, 0.125, false, int64_t{1} << 30);
     const at::Tensor fused =
         fused_attention_bf16(qs.to(at::kBFloat16), ks.to(at::kBFloat16), vs.to(at::kBFloat16), 1, 0.125);
@@ -572,6 +576,9 @@ TEST(NormKernels, MatchFloat64ReferencesInBothLayoutsAndDtypes) {
         EXPECT_EQ(y.is_contiguous(at::MemoryFormat::ChannelsLast), channels_last);
         EXPECT_LT(max_abs_diff(y, ref), tol) << "offset " << offset << " cl " << channels_last;
         EXPECT_LT(max_abs_diff(group_norm(in, 6, w, b, 1e-6, true), at::silu(ref)), tol);
+        at::Tensor in_place = in.clone();
+        group_norm_(in_place, 6, w, b, 1e-6, true);
+        EXPECT_TRUE(test::bit_equal(in_place, group_norm(in, 6, w, b, 1e-6, true)));
       }
       const at::Tensor rows = xd.reshape({-1, 37});
       const at::Tensor lw = at::randn({37}, generator, f32), lb = at::randn({37}, generator, f32);
