@@ -2,4 +2,6 @@
 #pragma once
 
 #include "voken/error.h"
+#include "voken/image.h"
+#include "voken/pipeline.h"
 #include "voken/version.h"

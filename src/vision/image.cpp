@@ -208,11 +208,6 @@ bool iequals_suffix(const std::string& text, const std::string& suffix) {
 
 }  // namespace
 
-Image::Image(int width_, int height_, uint8_t fill) : width(width_), height(height_) {
-  if (width_ < 0 || height_ < 0)
-    throw ArgumentError("Image: negative size " + std::to_string(width_) + " x " + std::to_string(height_));
-  pixels.assign(static_cast<std::size_t>(width_) * height_ * 3, fill);
-}
 
 const char* format_name(ImageFormat format) {
   switch (format) {
@@ -420,3 +415,13 @@ std::vector<Image> load_images(const std::vector<ImageSource>& sources, const De
 }
 
 }  // namespace voken::vision
+
+namespace voken {
+
+Image::Image(int width_, int height_, uint8_t fill) : width(width_), height(height_) {
+  if (width_ < 0 || height_ < 0)
+    throw ArgumentError("Image: negative size " + std::to_string(width_) + " x " + std::to_string(height_));
+  pixels.assign(static_cast<std::size_t>(width_) * height_ * 3, fill);
+}
+
+}  // namespace voken
