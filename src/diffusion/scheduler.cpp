@@ -9,9 +9,7 @@
 #include <cctype>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <set>
-#include <sstream>
 
 #include "diffusion/schedulers_impl.h"
 #include "voken/error.h"
@@ -79,48 +77,6 @@ SchedulerKind scheduler_kind_from_name(const std::string& name) {
 // Configuration
 
 namespace {
-
-// Python's json module writes NaN / Infinity / -Infinity (e.g. DPM-Solver's lambda_min_clipped);
-// nlohmann::json rejects them. Outside strings they become the strings "NaN", "Infinity" and
-// "-Infinity", which the float fields accept.
-std::string quote_non_finite_literals(const std::string& text) {
-  static const char* const kLiterals[] = {"-Infinity", "Infinity", "NaN"};
-  std::string out;
-  out.reserve(text.size() + 16);
-  bool in_string = false, escaped = false;
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    const char c = text[i];
-    if (in_string) {
-      out += c;
-      if (escaped)
-        escaped = false;
-      else if (c == '\\')
-        escaped = true;
-      else if (c == '"')
-        in_string = false;
-      continue;
-    }
-    if (c == '"') {
-      in_string = true;
-      out += c;
-      continue;
-    }
-    bool replaced = false;
-    for (const char* literal : kLiterals) {
-      const std::size_t length = std::char_traits<char>::length(literal);
-      if (text.compare(i, length, literal) == 0) {
-        out += '"';
-        out += literal;
-        out += '"';
-        i += length - 1;
-        replaced = true;
-        break;
-      }
-    }
-    if (!replaced) out += c;
-  }
-  return out;
-}
 
 // Typed reads of the keys a config file set, with errors naming the source and the key.
 class FieldReader {
@@ -405,17 +361,7 @@ SchedulerConfig SchedulerConfig::from_file(const std::string& path, std::optiona
     if (file == path)
       throw FileNotFoundError("no scheduler_config.json or scheduler/scheduler_config.json in " + path);
   }
-  if (!fs::is_regular_file(file)) throw FileNotFoundError("file not found: " + file);
-  std::ifstream in(file, std::ios::binary);
-  if (!in) throw ConfigError("cannot read " + file);
-  std::stringstream text;
-  text << in.rdbuf();
-  io::Json json;
-  try {
-    json = io::Json::parse(quote_non_finite_literals(text.str()));
-  } catch (const io::Json::exception& e) {
-    throw ConfigError(file + ": malformed JSON: " + e.what());
-  }
+  const io::Json json = io::read_json_file(file);
   return from_json(io::JsonView(json, file), kind);
 }
 

@@ -13,7 +13,12 @@ namespace voken::io {
 
 using Json = nlohmann::json;
 
-// Parses a whole file. FileNotFoundError if absent, ConfigError if not valid JSON.
+// Parses JSON text; `source` names it in the ConfigError for malformed text. Python's json module
+// (which writes every HF/diffusers config) emits NaN, Infinity and -Infinity, which strict JSON
+// and nlohmann::json reject: outside strings they are read as the strings "NaN", "Infinity" and
+// "-Infinity", for float fields to accept.
+Json parse_json(const std::string& text, const std::string& source);
+// Parses a whole file as parse_json does. FileNotFoundError if absent, ConfigError if not valid.
 Json read_json_file(const std::string& path);
 
 // A JSON object together with where it came from, for typed lookups with precise errors.
