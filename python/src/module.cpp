@@ -26,4 +26,12 @@ PYBIND11_MODULE(_voken, m) {
       "Version of voken, the libtorch it was built with, and runtime threading facts.");
   voken::python::bind_io(
       m.def_submodule("io", "Checkpoint files: safetensors, torch.save zips, state dicts."));
+  // The components, for users who need one part (the voken package re-exports them).
+  voken::python::bind_text(m);
+  voken::python::bind_llm(m);
+  voken::python::bind_vision(m);
+  voken::python::bind_mapping(m);
+  voken::python::bind_diffusion(m);
+  // Pipeline last: it returns the component classes above.
+  voken::python::bind_pipeline(m);
 }
