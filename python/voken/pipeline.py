@@ -64,7 +64,7 @@ class GenerationResult:
 
     segments          the response in order: ``str`` and images (``PIL.Image.Image``, or uint8
                       numpy arrays [H, W, 3] when PIL is not installed or numpy was asked for)
-    text              the text segments joined (images left out)
+    text              the text segments joined by newlines (images left out)
     images            the images, in order
     raw_text          the response as the LLM wrote it, voken markers included
     prompt            the prompt as tokenized (<ImageHere> where image rows went)
@@ -89,7 +89,7 @@ class GenerationResult:
 
     @property
     def text(self):
-        return "".join(s for s in self.segments if isinstance(s, str))
+        return "\n".join(s for s in self.segments if isinstance(s, str))
 
     @property
     def images(self):
