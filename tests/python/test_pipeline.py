@@ -220,6 +220,32 @@ def test_ctrl_c_interrupts(pipe):
         pipe.generate_interleaved(["Hello"], seed=1, **dict(FAST, progress=interrupt))
 
 
+def test_ctrl_c_from_outside_interrupts(pipe):
+    # The signal arrives while C++ works without the GIL (as a Ctrl-C does): the next progress
+    # event checks for it and the call ends with KeyboardInterrupt.
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are delivered to the main thread only")
+    started = threading.Event()
+
+    def note(event):
+        started.set()
+
+    def interrupt():
+        started.wait(60)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    killer = threading.Thread(target=interrupt)
+    killer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            # force_image with 50 steps: far longer than the signal takes to arrive.
+            pipe.generate_interleaved(["Hello"], seed=1, force_image=True,
+                                      **dict(FAST, steps=50, max_new_tokens=256, progress=note))
+    finally:
+        started.set()
+        killer.join()
+
+
 def test_gil_is_released(pipe):
     counter = [0]
     stop = threading.Event()
@@ -384,12 +410,14 @@ def test_text_only_pipeline(tiny_bundle):
 
 def test_pipeline_without_torch(tmp_path):
     # A fresh interpreter where `import torch` fails: voken must neither need nor import it.
+    # PIL is blocked too: images then come back as numpy arrays.
     if not hasattr(voken._voken, "_Pipeline") or not hasattr(voken._voken, "_write_random_bundle"):
         pytest.skip("this build of voken has no Pipeline or random-bundle writer")
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(voken.__file__)))
     code = f"""
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
+sys.modules["PIL"] = None
 import numpy as np
 import voken
 manifest = voken.write_random_bundle({str(tmp_path)!r})
@@ -397,6 +425,7 @@ pipe = voken.Pipeline.load(manifest, dtype="float32")
 result = pipe.generate_interleaved(["Hi", np.zeros((32, 32, 3), np.uint8)], seed=1, force_image=True,
                                    max_new_tokens=16, steps=1, height=64, width=64, progress=False)
 assert result.images, result.raw_text
+assert all(isinstance(image, np.ndarray) and image.shape == (64, 64, 3) for image in result.images)
 print("OK", len(result.images))
 """
     env = dict(os.environ, PYTHONPATH=package_parent)
