@@ -117,7 +117,8 @@ struct ProgressEvent {
     EncodeImages,  // the input images are being encoded (current 0, total = number of images)
     Prefill,       // the prompt is being read (current 0, total = prompt positions)
     Token,         // a token was generated (current = tokens so far, total = max_new_tokens)
-    Denoise,       // a denoising step finished (current = step, total = steps; image = index)
+    Denoise,       // a denoising step finished (current = step, total = the scheduler's iterations:
+                   // steps, or steps + 1 for PNDM as in diffusers; image = index)
     ImageDone,     // an image is complete (image = its index)
   };
   Stage stage = Stage::Token;
