@@ -7,19 +7,23 @@ source scripts/common.sh
 voken_install_packages
 voken_build
 
-# Main job. Until the MiniGPT-5 pipeline exists, a smoke run of what does: build facts, the
-# Python module, and every checkpoint of the golden folder read through the C++ loader.
+# Main job: MiniGPT-5 end to end. With a real bundle (VOKEN_BUNDLE=path/to/bundle.json, see
+# docs/bundle.md) one story is generated from it; otherwise `voken demo` writes a tiny bundle with
+# random weights in the real file formats and runs the same pipeline on it (labelled as such).
 echo "== voken info"
 "$VOKEN_BUILD_DIR/voken" info
 PYTHONPATH="$VOKEN_BUILD_DIR/python" "$VOKEN_PYTHON" -c \
   "import voken; print('python: import voken', voken.__version__, '(libtorch', voken.build_info()['torch_version'] + ')')"
-golden=${VOKEN_GOLDEN_DIR:-../shared/golden}
-if [ -d "$golden" ]; then
-  find "$golden" -path '*/model/*' \( -name '*.pth' -o -name '*.ckpt' -o -name '*.safetensors' \) | sort |
-    while read -r checkpoint; do
-      echo "== voken inspect $checkpoint"
-      "$VOKEN_BUILD_DIR/voken" inspect "$checkpoint" | tail -n 3
-    done
+out="$VOKEN_BUILD_DIR/demo"
+if [ -n "${VOKEN_BUNDLE:-}" ]; then
+  echo "== voken generate --bundle $VOKEN_BUNDLE"
+  "$VOKEN_BUILD_DIR/voken" generate --bundle "$VOKEN_BUNDLE" --text "Tell me a short story about a cat and show it." \
+    --force-image --out "$out/story.html"
+  echo "open $out/story.html (or $out/story.md)"
 else
-  echo "(no golden folder at $golden: skipping the checkpoint smoke run)"
+  echo "== voken demo (tiny bundle, random weights)"
+  "$VOKEN_BUILD_DIR/voken" demo --dir "$out/bundle" --out "$out/demo.html"
+  echo "== voken inspect $out/bundle"
+  "$VOKEN_BUILD_DIR/voken" inspect "$out/bundle" | tail -n 12
+  echo "open $out/demo.html (or $out/demo.md)"
 fi

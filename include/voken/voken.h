@@ -3,5 +3,6 @@
 
 #include "voken/error.h"
 #include "voken/image.h"
+#include "voken/image_io.h"
 #include "voken/pipeline.h"
 #include "voken/version.h"
