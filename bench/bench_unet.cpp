@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <c10/core/InferenceMode.h>
 #include <stdlib.h>
 #include <sys/resource.h>
@@ -28,11 +29,15 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
+#include <mutex>
 #include <regex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "diffusion/amx_gemm.h"
 #include "diffusion/attention_kernels.h"
 #include "diffusion/nn_blocks.h"
 #include "diffusion/norm_kernels.h"
@@ -79,6 +84,126 @@ std::pair<double, double> time_it(const std::function<void()>& run, int reps) {
   return {times.front(), times[times.size() / 2]};
 }
 
+// ---- per-operation profile (--profile) ----------------------------------------------------------
+//
+// Times every outermost ATen operation (and voken's named scopes, see profile_scope.h) called on the
+// profiling thread through a RecordFunction callback, keyed by name, input shapes and memory order:
+// where a step's time goes without touching the library's code paths. Time between operations
+// (voken's own kernels) shows up as the difference to the wall time.
+struct OpStats {
+  int64_t calls = 0;
+  double seconds = 0;
+};
+
+class OpProfiler {
+ public:
+  explicit OpProfiler(int max_depth) {
+    max_depth_ = max_depth;
+    stats_.clear();
+    thread_ = std::this_thread::get_id();
+    handle_ = at::addGlobalCallback(at::RecordFunctionCallback(&OpProfiler::start, &OpProfiler::end)
+                                        .needsInputs(true)
+                                        .scopes({at::RecordScope::FUNCTION, at::RecordScope::USER_SCOPE}));
+  }
+  ~OpProfiler() { at::removeCallback(handle_); }
+
+  // The `top` most expensive keys, then the total.
+  void print(double wall, std::size_t top) const {
+    std::vector<std::pair<std::string, OpStats>> rows(stats_.begin(), stats_.end());
+    std::sort(rows.begin(), rows.end(),
+              [](const auto& a, const auto& b) { return a.second.seconds > b.second.seconds; });
+    double outer = 0;
+    std::map<std::string, OpStats> by_name;
+    for (const auto& [key, s] : rows) {
+      const std::string name = key.substr(0, key.find(' '));
+      by_name[name].calls += s.calls;
+      by_name[name].seconds += s.seconds;
+    }
+    for (const auto& [key, s] : rows)
+      if (key.rfind("1|", 0) == 0) outer += s.seconds;
+    std::printf("profile: wall %.1f ms, outermost recorded %.1f ms\n", wall * 1e3, outer * 1e3);
+    std::vector<std::pair<std::string, OpStats>> names(by_name.begin(), by_name.end());
+    std::sort(names.begin(), names.end(),
+              [](const auto& a, const auto& b) { return a.second.seconds > b.second.seconds; });
+    std::printf("  by name (depth|name: calls, ms):\n");
+    for (const auto& [name, s] : names)
+      if (s.seconds * 1e3 >= 0.5)
+        std::printf("    %-50s %5ld %9.1f\n", name.c_str(), s.calls, s.seconds * 1e3);
+    std::printf("  by name and shapes (top %zu):\n", top);
+    for (std::size_t i = 0; i < rows.size() && i < top; ++i)
+      std::printf("    %5ld %9.1f ms  %s\n", rows[i].second.calls, rows[i].second.seconds * 1e3,
+                  rows[i].first.c_str());
+  }
+
+ private:
+  struct Context : at::ObserverContext {
+    double start = 0;
+    std::string key;
+  };
+
+  static std::unique_ptr<at::ObserverContext> start(const at::RecordFunction& fn) {
+    if (std::this_thread::get_id() != thread_) return nullptr;
+    ++depth_;
+    if (depth_ > max_depth_) return nullptr;
+    auto context = std::make_unique<Context>();
+    std::ostringstream key;
+    key << depth_ << "|" << fn.name();
+    for (const auto& input : fn.inputs()) {
+      if (!input.isTensor()) continue;
+      const at::Tensor& t = input.toTensor();
+      if (!t.defined()) continue;
+      key << " [";
+      for (int64_t d = 0; d < t.dim(); ++d) key << (d ? "," : "") << t.size(d);
+      key << "]";
+      if (t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast))
+        key << "cl";
+      else if (!t.is_contiguous())
+        key << "strided";
+    }
+    context->key = key.str();
+    context->start = now();
+    return context;
+  }
+  static void end(const at::RecordFunction&, at::ObserverContext* base) {
+    if (std::this_thread::get_id() != thread_) return;
+    --depth_;
+    auto* context = static_cast<Context*>(base);
+    if (!context) return;
+    auto& s = stats_[context->key];
+    ++s.calls;
+    s.seconds += now() - context->start;
+  }
+
+  static inline std::thread::id thread_;
+  static inline int depth_ = 0;
+  static inline int max_depth_ = 1;
+  static inline std::map<std::string, OpStats> stats_;
+  at::CallbackHandle handle_ = 0;
+};
+
+// Process CPU time (user + system) in seconds: on a shared machine, CPU time divided by the thread
+// count is a steadier measure of a parallel kernel than wall time (time spent descheduled is not
+// counted; cache sharing still is).
+double cpu_seconds() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_utime.tv_sec + usage.ru_stime.tv_sec +
+         1e-6 * (usage.ru_utime.tv_usec + usage.ru_stime.tv_usec);
+}
+
+// Min over reps (after a warm-up) of wall time and of CPU time per thread.
+std::pair<double, double> time_wall_cpu(const std::function<void()>& run, int reps, bool warm_up = true) {
+  if (warm_up) run();
+  double wall = 1e30, cpu = 1e30;
+  for (int i = 0; i < reps; ++i) {
+    const double c0 = cpu_seconds(), t0 = now();
+    run();
+    wall = std::min(wall, now() - t0);
+    cpu = std::min(cpu, (cpu_seconds() - c0) / at::get_num_threads());
+  }
+  return {wall, cpu};
+}
+
 // ---- GEMM peak ------------------------------------------------------------------------------
 
 double gemm_peak(at::ScalarType dtype) {
@@ -114,6 +239,74 @@ void conv_layouts() {
       std::printf("  %-8s %-13s %7.1f ms  %6.0f GFLOP/s\n", c10::toString(dtype),
                   cl ? "channels-last" : "NCHW", t * 1e3, flops / t / 1e9);
     }
+  }
+}
+
+// ---- packed AMX products against oneDNN (--kernels) ----------------------------------------------
+
+double conv_flops(int64_t b, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k);
+
+void packed_kernels(int reps) {
+  c10::InferenceMode guard;
+  if (!packed_gemm_supported(32, 32, 3)) {
+    std::printf("packed kernels: no AMX-BF16 here\n");
+    return;
+  }
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(7);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  std::printf("packed AMX products vs oneDNN (bf16, min of %d, by CPU time per thread):\n", reps);
+  struct Conv {
+    int64_t batch, cin, cout, size, kernel;
+  };
+  for (const Conv& c : {Conv{2, 320, 320, 64, 3}, Conv{2, 640, 640, 32, 3}, Conv{2, 1280, 1280, 16, 3},
+                        Conv{2, 2560, 1280, 16, 3}, Conv{2, 1280, 1280, 8, 3}, Conv{2, 2560, 1280, 8, 3},
+                        Conv{2, 2560, 1280, 16, 1}, Conv{1, 512, 512, 128, 3}, Conv{1, 256, 256, 256, 3}}) {
+    const at::Tensor x = at::randn({c.batch, c.cin, c.size, c.size}, generator, f32)
+                             .to(at::kBFloat16)
+                             .contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor w = (at::randn({c.cout, c.cin, c.kernel, c.kernel}, generator, f32) /
+                          std::sqrt(static_cast<double>(c.cin * c.kernel * c.kernel)))
+                             .to(at::kBFloat16)
+                             .contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor bias = at::randn({c.cout}, generator, f32).to(at::kBFloat16);
+    const auto packed = pack_gemm_weight(w, bias);
+    const int64_t pad = (c.kernel - 1) / 2;
+    const double flops = conv_flops(c.batch, c.size, c.size, c.cin, c.cout, c.kernel);
+    const double t_packed = time_wall_cpu([&] { packed_conv2d(x, *packed); }, reps).second;
+    const double t_onednn = time_wall_cpu([&] { at::conv2d(x, w, bias, 1, pad); }, reps).second;
+    const double err =
+        (packed_conv2d(x, *packed).to(at::kFloat) - at::conv2d(x, w, bias, 1, pad).to(at::kFloat))
+            .abs()
+            .max()
+            .item<double>();
+    std::printf(
+        "  conv %ldx%ld %4ld->%4ld %2ldx%-3ld b%ld: packed %7.2f ms %5.0f GFLOP/s, oneDNN %7.2f ms %5.0f "
+        "GFLOP/s  (max diff %.3f)\n",
+        c.kernel, c.kernel, c.cin, c.cout, c.size, c.size, c.batch, t_packed * 1e3, flops / t_packed / 1e9,
+        t_onednn * 1e3, flops / t_onednn / 1e9, err);
+  }
+  struct Lin {
+    int64_t m, k, n;
+  };
+  for (const Lin& l :
+       {Lin{8192, 320, 960}, Lin{8192, 320, 320}, Lin{1638, 320, 2560}, Lin{1638, 1280, 320},
+        Lin{409, 1280, 10240}, Lin{409, 5120, 1280}, Lin{154, 1024, 1280}, Lin{512, 1280, 1280}}) {
+    const at::Tensor x = at::randn({l.m, l.k}, generator, f32).to(at::kBFloat16);
+    const at::Tensor w =
+        (at::randn({l.n, l.k}, generator, f32) / std::sqrt(static_cast<double>(l.k))).to(at::kBFloat16);
+    const at::Tensor bias = at::randn({l.n}, generator, f32).to(at::kBFloat16);
+    const auto packed = pack_gemm_weight(w, bias);
+    const double flops = 2.0 * l.m * l.k * l.n;
+    const double t_packed = time_wall_cpu([&] { packed_linear(x, *packed); }, reps).second;
+    const double t_onednn = time_wall_cpu([&] { at::linear(x, w, bias); }, reps).second;
+    const double err = (packed_linear(x, *packed).to(at::kFloat) - at::linear(x, w, bias).to(at::kFloat))
+                           .abs()
+                           .max()
+                           .item<double>();
+    std::printf(
+        "  linear %5ldx%-5ld x %5ld:       packed %7.2f ms %5.0f GFLOP/s, oneDNN %7.2f ms %5.0f GFLOP/s  "
+        "(max diff %.3f)\n",
+        l.m, l.k, l.n, t_packed * 1e3, flops / t_packed / 1e9, t_onednn * 1e3, flops / t_onednn / 1e9, err);
   }
 }
 
@@ -155,12 +348,21 @@ ComputeOptions probe_options() {
 // Writes config.json + bf16 safetensors of initialisation-scaled random weights; returns the
 // parameter count.
 int64_t write_random_model(const std::string& dir, const io::Json& config, const WeightShapes& shapes) {
+  int64_t params = 0;
+  for (const auto& entry : shapes) {
+    int64_t count = 1;
+    for (const int64_t d : entry.second) count *= d;
+    params += count;
+  }
+  // A folder kept from an earlier run (--dir) with the same config is reused.
+  if (std::filesystem::exists(dir + "/diffusion_pytorch_model.safetensors") &&
+      std::filesystem::exists(dir + "/config.json") && io::read_json_file(dir + "/config.json") == config)
+    return params;
   std::filesystem::create_directories(dir);
   std::ofstream(dir + "/config.json") << config.dump(2);
   auto generator = at::make_generator<at::CPUGeneratorImpl>(1234);
   const std::regex norm_weight(R"((norm\d*|norm_out|group_norm|conv_norm_out)\.weight$)");
   std::vector<std::pair<std::string, at::Tensor>> tensors;
-  int64_t params = 0;
   for (const auto& [name, shape] : shapes) {
     at::Tensor t = at::randn(shape, generator, at::TensorOptions().dtype(at::kFloat));
     if (std::regex_search(name, norm_weight)) {
@@ -172,7 +374,6 @@ int64_t write_random_model(const std::string& dir, const io::Json& config, const
       for (std::size_t d = 1; d < shape.size(); ++d) fan_in *= shape[d];
       t = t / std::sqrt(static_cast<double>(fan_in));
     }
-    params += t.numel();
     tensors.emplace_back(name, t.to(at::kBFloat16));
   }
   io::write_safetensors(dir + "/diffusion_pytorch_model.safetensors", tensors);
@@ -356,24 +557,31 @@ void breakdown(int reps, at::ScalarType dtype) {
   ResnetSettings rs;
   rs.temb_channels = 1280;
   rs.eps = 1e-5;
-  const auto resnet = random_block<ResnetBlock2D>(
+  auto resnet = random_block<ResnetBlock2D>(
       [&](io::WeightLoader& l) { return ResnetBlock2D::load(l, "r.", 320, 320, rs); }, bf16);
+  const Conv2d conv_onednn = resnet.conv1;
+  if (options.packed_weights) resnet.pack();
   show("ResnetBlock2D 320->320", 2 * conv_flops(2, 64, 64, 320, 320, 3), [&] { resnet(x, temb); });
   const GroupNorm norm = resnet.norm1;
   show("  group norm + SiLU", 0, [&] { norm(x, Activation::Silu); });
   show("  conv 3x3", conv_flops(2, 64, 64, 320, 320, 3), [&] { resnet.conv1(x); });
+  if (resnet.conv1.packed)
+    show("  conv 3x3 through oneDNN (not packed)", conv_flops(2, 64, 64, 320, 320, 3),
+         [&] { conv_onednn(x); });
   TransformerSettings ts;
   ts.heads = 5;
   ts.head_dim = 64;
   ts.cross_attention_dim = 1024;
   ts.use_linear_projection = true;
-  const auto transformer = random_block<Transformer2D>(
+  auto transformer = random_block<Transformer2D>(
       [&](io::WeightLoader& l) { return Transformer2D::load(l, "t.", 320, ts); }, bf16);
+  const Linear qkv_onednn = *transformer.blocks[0].attn1.qkv;
+  if (options.packed_weights) transformer.pack();
   show("Transformer2D 320, 5 heads", transformer_flops(2, 64, 64, 320, 1, 77, 1024),
        [&] { transformer(x, context, options); });
   const at::Tensor tokens = image_to_tokens(x).contiguous();
   const auto& block = transformer.blocks[0];
-  const at::Tensor qkv = at::linear(tokens, block.attn1.qkv_weight);
+  const at::Tensor qkv = (*block.attn1.qkv)(tokens);
   const at::Tensor q = qkv.narrow(-1, 0, 320), k = qkv.narrow(-1, 320, 320), v = qkv.narrow(-1, 640, 320);
   const double attention_flops = 2 * 2.0 * 2 * 4096.0 * 4096 * 320;
   if (dtype == at::kBFloat16 && has_amx_bf16())
@@ -381,7 +589,9 @@ void breakdown(int reps, at::ScalarType dtype) {
          [&] { multi_head_attention(q, k, v, 5, 0.125, false, options.attention_max_scores, true); });
   show("  self-attention core, chunked", attention_flops,
        [&] { multi_head_attention(q, k, v, 5, 0.125, false, options.attention_max_scores, false); });
-  show("  qkv projection", 2.0 * 8192 * 320 * 960, [&] { at::linear(tokens, block.attn1.qkv_weight); });
+  show("  qkv projection", 2.0 * 8192 * 320 * 960, [&] { (*block.attn1.qkv)(tokens); });
+  if (block.attn1.qkv->packed)
+    show("  qkv projection through oneDNN (not packed)", 2.0 * 8192 * 320 * 960, [&] { qkv_onednn(tokens); });
   show("  layer norm", 0, [&] { block.norm1(tokens); });
   const at::Tensor projected = block.ff_in(tokens);
   show("  feed-forward in (8192x320 -> 2560)", 2.0 * 8192 * 320 * 2560, [&] { block.ff_in(tokens); });
@@ -401,15 +611,17 @@ void breakdown(int reps, at::ScalarType dtype) {
     ResnetSettings r;
     r.temb_channels = 1280;
     r.eps = 1e-5;
-    const auto block = random_block<ResnetBlock2D>(
+    auto block = random_block<ResnetBlock2D>(
         [&](io::WeightLoader& l) { return ResnetBlock2D::load(l, "r.", c, c, r); }, dtype);
+    if (options.packed_weights) block.pack();
     TransformerSettings t;
     t.heads = level.heads;
     t.head_dim = c / level.heads;
     t.cross_attention_dim = 1024;
     t.use_linear_projection = true;
-    const auto tf = random_block<Transformer2D>(
+    auto tf = random_block<Transformer2D>(
         [&](io::WeightLoader& l) { return Transformer2D::load(l, "t.", c, t); }, dtype);
+    if (options.packed_weights) tf.pack();
     const at::Tensor xs =
         at::randn({2, c, hw, hw}, generator, opts).to(dtype).contiguous(at::MemoryFormat::ChannelsLast);
     const double tr = time_it([&] { block(xs, temb); }, reps).first;
@@ -443,7 +655,16 @@ int main(int argc, char** argv) {
   int threads = 2, reps = 3;
   int64_t latent = 64;
   bool skip_fp32 = false;
-  std::string only;  // "unet" or "vae"
+  std::string only;    // "unet" or "vae"
+  bool quick = false;  // --quick: no GEMM peaks, layout probe, breakdown or NCHW step
+  int profile_depth = 0;
+  bool compare_unpacked = false;
+  bool kernels_only = false;
+  std::string keep_dir;  // --dir DIR: random models written there and reused by later runs
+  int extra_steps = 0;   // --steps N: N more bf16 steps at the end (e.g. for perf record)  // --kernels: only
+                        // the packed-vs-oneDNN product table  // --ab: bf16 step with and without packed
+                        // weights, alternating  //
+                        // --profile N: one profiled step per model, ops nested up to N deep
   ComputeOptions compute;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -457,6 +678,20 @@ int main(int argc, char** argv) {
       skip_fp32 = true;
     else if (arg == "--only" && i + 1 < argc)
       only = argv[++i];
+    else if (arg == "--profile" && i + 1 < argc)
+      profile_depth = std::max(1, std::atoi(argv[++i]));
+    else if (arg == "--quick")
+      quick = true;
+    else if (arg == "--dir" && i + 1 < argc)
+      keep_dir = argv[++i];
+    else if (arg == "--steps" && i + 1 < argc)
+      extra_steps = std::atoi(argv[++i]);
+    else if (arg == "--kernels")
+      kernels_only = true;
+    else if (arg == "--no-pack")
+      compute.packed_weights = false;
+    else if (arg == "--ab")
+      compare_unpacked = true;
     else if (arg == "--nchw")
       compute.channels_last = false;
     else if (arg == "--attention-budget" && i + 1 < argc)
@@ -464,7 +699,8 @@ int main(int argc, char** argv) {
     else {
       std::fprintf(stderr,
                    "usage: %s [--threads N] [--reps N] [--skip-fp32] [--latent N] [--only unet|vae] "
-                   "[--attention-budget SCORES]\n",
+                   "[--attention-budget SCORES] [--nchw] [--profile DEPTH] [--quick] [--no-pack] [--ab] "
+                   "[--kernels] [--dir DIR] [--steps N]\n",
                    argv[0]);
       return 2;
     }
@@ -474,13 +710,19 @@ int main(int argc, char** argv) {
   std::printf("bench_unet: %d threads, %d timed reps (after a warm-up), latents %ldx%ld\n",
               at::get_num_threads(), reps, latent, latent);
 
-  Peaks peaks;
-  peaks.bf16 = gemm_peak(at::kBFloat16);
-  peaks.fp32 = gemm_peak(at::kFloat);
-  std::printf("GEMM peak (at::mm / at::linear, best of 5 shapes): bf16 %.0f GFLOP/s, fp32 %.0f GFLOP/s\n",
-              peaks.bf16, peaks.fp32);
-  conv_layouts();
-  if (only != "vae") {
+  if (kernels_only) {
+    packed_kernels(reps);
+    return 0;
+  }
+  Peaks peaks{139, 1181};  // --quick: this machine's idle peaks (fp32, bf16)
+  if (!quick) {
+    peaks.bf16 = gemm_peak(at::kBFloat16);
+    peaks.fp32 = gemm_peak(at::kFloat);
+    std::printf("GEMM peak (at::mm / at::linear, best of 5 shapes): bf16 %.0f GFLOP/s, fp32 %.0f GFLOP/s\n",
+                peaks.bf16, peaks.fp32);
+    conv_layouts();
+  }
+  if (only != "vae" && !quick) {
     breakdown(std::max(2, reps), at::kBFloat16);
     if (!skip_fp32) breakdown(std::max(2, reps), at::kFloat);
   }
@@ -491,7 +733,7 @@ int main(int argc, char** argv) {
     std::perror("mkdtemp");
     return 1;
   }
-  const std::string tmp = made;
+  const std::string tmp = keep_dir.empty() ? std::string(made) : keep_dir;
   int status = 0;
   try {
     std::vector<at::ScalarType> dtypes = {at::kBFloat16};
@@ -508,8 +750,8 @@ int main(int argc, char** argv) {
           write_random_model(tmp + "/unet", unet_json, expected_weights([&](io::WeightLoader& l) {
                                UNet2DCondition unet(unet_config, l, probe_options());
                              }));
-      std::printf("UNet: %.0fM parameters written (bf16 safetensors) in %.1f s\n", unet_params / 1e6,
-                  now() - t0);
+      std::printf("UNet: %.0fM parameters written or reused (bf16 safetensors) in %.1f s\n",
+                  unet_params / 1e6, now() - t0);
       const int64_t batch = 2, seq = 77;
       const double unet_gflop = unet_flops(unet_config, batch, latent, latent, seq);
       std::printf("UNet step: %.0f GFLOP (batch %ld, %ldx%ld latents, %ld context tokens)\n",
@@ -524,12 +766,49 @@ int main(int argc, char** argv) {
                     current_rss_gb());
         at::Tensor out;
         const auto t = time_it([&] { out = unet.forward(sample, timestep, context); }, reps);
+        const double cpu = time_wall_cpu([&] { unet.forward(sample, timestep, context); }, 1, false).second;
         if (!at::isfinite(out).all().item<bool>()) std::printf("  (warning: non-finite output)\n");
         report("UNet step", dtype, t, unet_gflop, peaks, dtype == at::kBFloat16 ? 5.5 : 15.9);
+        std::printf(
+            "  CPU time per thread of one more step: %.3f s (steadier than wall time on a shared machine)\n",
+            cpu);
+        if (compare_unpacked && dtype == at::kBFloat16) {
+          ComputeOptions plain = compute;
+          plain.packed_weights = !compute.packed_weights;
+          const auto other = UNet2DCondition::load(tmp + "/unet", dtype, plain);
+          const at::Tensor other_out = other.forward(sample, timestep, context);
+          std::printf("  packed vs not: max |difference| %.4f (output max %.3f)\n",
+                      (other_out - out).abs().max().item<double>(), out.abs().max().item<double>());
+          double wall_this = 1e9, wall_other = 1e9, cpu_this = 1e9, cpu_other = 1e9;
+          for (int i = 0; i < reps; ++i) {
+            const auto a = time_wall_cpu([&] { unet.forward(sample, timestep, context); }, 1, false);
+            const auto b = time_wall_cpu([&] { other.forward(sample, timestep, context); }, 1, false);
+            wall_this = std::min(wall_this, a.first);
+            cpu_this = std::min(cpu_this, a.second);
+            wall_other = std::min(wall_other, b.first);
+            cpu_other = std::min(cpu_other, b.second);
+          }
+          std::printf(
+              "  A/B (alternating, min of %d; wall / CPU per thread): packed_weights=%d %.3f / %.3f s, "
+              "packed_weights=%d %.3f / %.3f s\n",
+              reps, compute.packed_weights, wall_this, cpu_this, plain.packed_weights, wall_other, cpu_other);
+        }
+        if (profile_depth > 0) {
+          OpProfiler profiler(profile_depth);
+          const double start = now();
+          unet.forward(sample, timestep, context);
+          profiler.print(now() - start, 60);
+        }
         std::printf("  RSS after: %.2f GB, peak so far %.2f GB\n", current_rss_gb(), peak_rss_gb());
+        if (dtype == at::kBFloat16 && extra_steps > 0) {
+          const double c0 = cpu_seconds(), w0 = now();
+          for (int i = 0; i < extra_steps; ++i) unet.forward(sample, timestep, context);
+          std::printf("  %d more steps: %.3f s wall, %.3f s CPU per thread each\n", extra_steps,
+                      (now() - w0) / extra_steps, (cpu_seconds() - c0) / at::get_num_threads() / extra_steps);
+        }
       }
       // The bf16 step with NCHW activations, for the record of the layout choice.
-      {
+      if (!quick) {
         ComputeOptions nchw;
         nchw.channels_last = false;
         const auto unet = UNet2DCondition::load(tmp + "/unet", at::kBFloat16, nchw);
@@ -554,18 +833,26 @@ int main(int argc, char** argv) {
         const auto t = time_it([&] { image = vae.decode(latents); }, reps);
         if (!at::isfinite(image).all().item<bool>()) std::printf("  (warning: non-finite output)\n");
         report("VAE decode", dtype, t, vae_gflop, peaks, dtype == at::kBFloat16 ? 6.9 : 12.4);
+        if (profile_depth > 0) {
+          OpProfiler profiler(profile_depth);
+          const double start = now();
+          vae.decode(latents);
+          profiler.print(now() - start, 40);
+        }
         std::printf("  RSS after: %.2f GB, peak so far %.2f GB\n", current_rss_gb(), peak_rss_gb());
       }
     }
     // The machine is shared: measure the peak again and show the better one.
-    Peaks again{gemm_peak(at::kFloat), gemm_peak(at::kBFloat16)};
-    std::printf("GEMM peak re-measured at the end: bf16 %.0f GFLOP/s, fp32 %.0f GFLOP/s\n", again.bf16,
-                again.fp32);
+    if (!quick) {
+      Peaks again{gemm_peak(at::kFloat), gemm_peak(at::kBFloat16)};
+      std::printf("GEMM peak re-measured at the end: bf16 %.0f GFLOP/s, fp32 %.0f GFLOP/s\n", again.bf16,
+                  again.fp32);
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_unet: %s\n", e.what());
     status = 1;
   }
-  std::filesystem::remove_all(tmp);
+  std::filesystem::remove_all(made);
   std::printf("peak RSS %.2f GB\n", peak_rss_gb());
   return status;
 }

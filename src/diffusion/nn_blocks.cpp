@@ -82,7 +82,26 @@ Conv2d Conv2d::load(io::WeightLoader& weights, const std::string& prefix, int64_
 }
 
 at::Tensor Conv2d::operator()(const at::Tensor& x) const {
+  if (packed && x.scalar_type() == at::kBFloat16) return packed_conv2d(x, *packed);
+  if (!weight.defined()) throw ArgumentError("Conv2d: packed bfloat16 weights need a bfloat16 input");
   return at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
+}
+
+at::Tensor Conv2d::operator()(const at::Tensor& x, const at::Tensor& residual) const {
+  if (packed && x.scalar_type() == at::kBFloat16 && residual.scalar_type() == at::kBFloat16)
+    return packed_conv2d(x, *packed, residual);
+  return (*this)(x).add_(residual);
+}
+
+bool Conv2d::pack() {
+  if (packed || !weight.defined() || weight.scalar_type() != at::kBFloat16 || weight.dim() != 4) return false;
+  const int64_t kernel = weight.size(2);
+  if (stride != 1 || weight.size(3) != kernel || padding != (kernel - 1) / 2 ||
+      !packed_gemm_supported(weight.size(0), weight.size(1), kernel))
+    return false;
+  packed = pack_gemm_weight(weight, bias);
+  weight = at::Tensor();
+  return true;
 }
 
 Linear Linear::load(io::WeightLoader& weights, const std::string& prefix, int64_t in_features,
@@ -102,7 +121,35 @@ Linear Linear::load_pointwise_conv(io::WeightLoader& weights, const std::string&
   return linear;
 }
 
-at::Tensor Linear::operator()(const at::Tensor& x) const { return at::linear(x, weight, bias); }
+at::Tensor Linear::operator()(const at::Tensor& x) const {
+  if (packed && x.scalar_type() == at::kBFloat16) return packed_linear(x, *packed);
+  if (!weight.defined()) throw ArgumentError("Linear: packed bfloat16 weights need a bfloat16 input");
+  return at::linear(x, weight, bias);
+}
+
+at::Tensor Linear::operator()(const at::Tensor& x, const at::Tensor& residual) const {
+  if (packed && x.scalar_type() == at::kBFloat16 && residual.scalar_type() == at::kBFloat16)
+    return packed_linear(x, *packed, residual);
+  return (*this)(x).add_(residual);
+}
+
+void Linear::add_to(const at::Tensor& x, at::Tensor& accumulator) const {
+  if (packed && x.scalar_type() == at::kBFloat16 && accumulator.scalar_type() == at::kBFloat16 &&
+      accumulator.is_contiguous()) {
+    packed_linear_into(x, *packed, accumulator);
+    return;
+  }
+  accumulator.add_((*this)(x));
+}
+
+bool Linear::pack() {
+  if (packed || !weight.defined() || weight.scalar_type() != at::kBFloat16 || weight.dim() != 2 ||
+      !packed_gemm_supported(weight.size(0), weight.size(1), 1))
+    return false;
+  packed = pack_gemm_weight(weight, bias);
+  weight = at::Tensor();
+  return true;
+}
 
 GroupNorm GroupNorm::load(io::WeightLoader& weights, const std::string& prefix, int64_t channels,
                           int64_t groups, double eps) {
@@ -208,10 +255,15 @@ at::Tensor ResnetBlock2D::forward_projected(const at::Tensor& x, const at::Tenso
   } else {
     norm2.apply_(h, activation);
   }
-  h = conv2(h);
-  h.add_(conv_shortcut ? (*conv_shortcut)(x) : x);
+  h = conv2(h, conv_shortcut ? (*conv_shortcut)(x) : x);
   if (output_scale_factor != 1.0) h.div_(output_scale_factor);
   return h;
+}
+
+void ResnetBlock2D::pack() {
+  conv1.pack();
+  conv2.pack();
+  if (conv_shortcut) conv_shortcut->pack();
 }
 
 Downsample2D Downsample2D::load(io::WeightLoader& weights, const std::string& prefix, int64_t channels,
@@ -322,21 +374,24 @@ CrossAttention CrossAttention::load(io::WeightLoader& weights, const std::string
   attn.to_k = Linear::load(weights, prefix + "to_k.", kv_dim, inner, false);
   attn.to_v = Linear::load(weights, prefix + "to_v.", kv_dim, inner, false);
   attn.to_out = Linear::load(weights, prefix + "to_out.0.", inner, query_dim, true);
-  if (!context_dim) attn.qkv_weight = at::cat({attn.to_q.weight, attn.to_k.weight, attn.to_v.weight}, 0);
+  if (!context_dim) {
+    attn.qkv.emplace();
+    attn.qkv->weight = at::cat({attn.to_q.weight, attn.to_k.weight, attn.to_v.weight}, 0);
+  }
   attn.heads = heads;
   attn.upcast = upcast;
   return attn;
 }
 
-at::Tensor CrossAttention::operator()(const at::Tensor& x, const at::Tensor& context,
-                                      const ComputeOptions& options) const {
-  const int64_t inner = to_q.out_features();
+at::Tensor CrossAttention::attend(const at::Tensor& x, const at::Tensor& context,
+                                  const ComputeOptions& options) const {
+  const int64_t inner = to_out.in_features();
   at::Tensor q, k, v;
-  if (!context.defined() && qkv_weight.defined()) {
-    const at::Tensor qkv = at::linear(x, qkv_weight);
-    q = qkv.narrow(-1, 0, inner);
-    k = qkv.narrow(-1, inner, inner);
-    v = qkv.narrow(-1, 2 * inner, inner);
+  if (!context.defined() && qkv) {
+    const at::Tensor stacked = (*qkv)(x);
+    q = stacked.narrow(-1, 0, inner);
+    k = stacked.narrow(-1, inner, inner);
+    v = stacked.narrow(-1, 2 * inner, inner);
   } else {
     const at::Tensor& source = context.defined() ? context : x;
     q = to_q(x);
@@ -344,8 +399,30 @@ at::Tensor CrossAttention::operator()(const at::Tensor& x, const at::Tensor& con
     v = to_v(source);
   }
   const double scale = 1.0 / std::sqrt(static_cast<double>(inner / heads));
-  return to_out(multi_head_attention(q, k, v, heads, scale, upcast, options.attention_max_scores,
-                                     options.fused_attention));
+  return multi_head_attention(q, k, v, heads, scale, upcast, options.attention_max_scores,
+                              options.fused_attention);
+}
+
+at::Tensor CrossAttention::operator()(const at::Tensor& x, const at::Tensor& context,
+                                      const ComputeOptions& options, const at::Tensor& residual) const {
+  const at::Tensor attended = attend(x, context, options);
+  return residual.defined() ? to_out(attended, residual) : to_out(attended);
+}
+
+void CrossAttention::add_to(const at::Tensor& x, const at::Tensor& context, const ComputeOptions& options,
+                            at::Tensor& accumulator) const {
+  to_out.add_to(attend(x, context, options), accumulator);
+}
+
+void CrossAttention::pack() {
+  if (qkv) {
+    if (qkv->pack()) to_q = to_k = to_v = Linear();  // only the stacked product is used
+  } else {
+    to_q.pack();
+    to_k.pack();
+    to_v.pack();
+  }
+  to_out.pack();
 }
 
 BasicTransformerBlock BasicTransformerBlock::load(io::WeightLoader& weights, const std::string& prefix,
@@ -371,8 +448,9 @@ BasicTransformerBlock BasicTransformerBlock::load(io::WeightLoader& weights, con
 
 at::Tensor BasicTransformerBlock::operator()(const at::Tensor& tokens, const at::Tensor& context,
                                              const ComputeOptions& options) const {
-  at::Tensor x = tokens + attn1(norm1(tokens), only_cross_attention ? context : at::Tensor(), options);
-  x.add_(attn2(norm2(x), context, options));
+  at::Tensor x =
+      attn1(norm1(tokens), only_cross_attention ? context : at::Tensor(), options, tokens).contiguous();
+  attn2.add_to(norm2(x), context, options, x);
   // Feed-forward, a chunk of token rows at a time (rows are independent). GEGLU: the first half
   // of the projection is the value, the second the (exact-GELU) gate.
   const int64_t dim = x.size(-1);
@@ -391,9 +469,16 @@ at::Tensor BasicTransformerBlock::operator()(const at::Tensor& tokens, const at:
       const int64_t inner = projected.size(-1) / 2;
       gated = at::gelu(projected.narrow(-1, inner, inner)).mul_(projected.narrow(-1, 0, inner));
     }
-    part.add_(ff_out(gated));
+    ff_out.add_to(gated, part);
   }
   return x;
+}
+
+void BasicTransformerBlock::pack() {
+  attn1.pack();
+  attn2.pack();
+  ff_in.pack();
+  ff_out.pack();
 }
 
 Transformer2D Transformer2D::load(io::WeightLoader& weights, const std::string& prefix, int64_t channels,
@@ -420,9 +505,13 @@ at::Tensor Transformer2D::operator()(const at::Tensor& x, const at::Tensor& cont
   const int64_t height = x.size(2), width = x.size(3);
   at::Tensor tokens = proj_in(image_to_tokens(norm(x)));
   for (const auto& block : blocks) tokens = block(tokens, context, options);
-  at::Tensor out = tokens_to_image(proj_out(tokens), height, width, options.channels_last);
-  out.add_(x);
-  return out;
+  return tokens_to_image(proj_out(tokens, image_to_tokens(x)), height, width, options.channels_last);
+}
+
+void Transformer2D::pack() {
+  proj_in.pack();
+  proj_out.pack();
+  for (auto& block : blocks) block.pack();
 }
 
 SpatialSelfAttention SpatialSelfAttention::load(io::WeightLoader& weights, const std::string& prefix,
@@ -454,10 +543,17 @@ at::Tensor SpatialSelfAttention::operator()(const at::Tensor& x, const ComputeOp
   const at::Tensor attended =
       multi_head_attention(to_q(tokens), to_k(tokens), to_v(tokens), heads, scale,
                            /*upcast=*/false, options.attention_max_scores, options.fused_attention);
-  at::Tensor out = tokens_to_image(to_out(attended), height, width, options.channels_last);
-  out.add_(x);
+  at::Tensor out =
+      tokens_to_image(to_out(attended, image_to_tokens(x)), height, width, options.channels_last);
   if (rescale_output_factor != 1.0) out.div_(rescale_output_factor);
   return out;
+}
+
+void SpatialSelfAttention::pack() {
+  to_q.pack();
+  to_k.pack();
+  to_v.pack();
+  to_out.pack();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,10 +14,12 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "diffusion/amx_gemm.h"
 #include "io/state_dict.h"
 
 namespace voken::diffusion {
@@ -45,13 +47,18 @@ struct ComputeOptions {
   // tokens go through the feed-forward in row chunks of this size, which keeps the intermediate
   // in cache and out of mmap'd (page-faulting) allocations.
   int64_t feed_forward_chunk_bytes = int64_t{8} << 20;
+  // Read when a model is built: bfloat16 linear layers and stride-1 convolutions get their weights
+  // packed for the AMX kernels of amx_gemm.h when the CPU has AMX-BF16 and the shapes fit (the
+  // plain weights are then released); otherwise, or when false, they run through oneDNN.
+  bool packed_weights = true;
 };
 
 struct Conv2d {
-  at::Tensor weight;  // [out, in, k, k]
+  at::Tensor weight;  // [out, in, k, k]; undefined once packed
   at::Tensor bias;    // [out] (may be undefined)
   int64_t stride = 1;
   int64_t padding = 0;
+  std::shared_ptr<const PackedGemmWeight> packed;  // after pack()
 
   // Takes <prefix>weight and <prefix>bias. `channels_last` stores the kernel NHWC-ordered, the
   // order oneDNN wants for NHWC inputs.
@@ -59,12 +66,19 @@ struct Conv2d {
                      int64_t out_channels, int64_t kernel, int64_t stride, int64_t padding,
                      bool channels_last);
   at::Tensor operator()(const at::Tensor& x) const;
-  int64_t out_channels() const { return weight.size(0); }
+  // conv(x) + residual (the output's shape and dtype), added before rounding when packed.
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& residual) const;
+  // Packs a bfloat16 weight for amx_gemm.h when the CPU and the shape allow (stride 1, padding
+  // (k-1)/2) and releases the plain one; returns whether it did.
+  bool pack();
+  int64_t out_channels() const { return packed ? packed->out_features : weight.size(0); }
+  int64_t in_channels() const { return packed ? packed->in_channels : weight.size(1); }
 };
 
 struct Linear {
-  at::Tensor weight;  // [out, in]
-  at::Tensor bias;    // [out] or undefined
+  at::Tensor weight;                               // [out, in]; undefined once packed
+  at::Tensor bias;                                 // [out] or undefined
+  std::shared_ptr<const PackedGemmWeight> packed;  // after pack()
 
   static Linear load(io::WeightLoader& weights, const std::string& prefix, int64_t in_features,
                      int64_t out_features, bool with_bias);
@@ -73,8 +87,14 @@ struct Linear {
   static Linear load_pointwise_conv(io::WeightLoader& weights, const std::string& prefix, int64_t in_features,
                                     int64_t out_features);
   at::Tensor operator()(const at::Tensor& x) const;
-  int64_t in_features() const { return weight.size(1); }
-  int64_t out_features() const { return weight.size(0); }
+  // linear(x) + residual (the output's shape and dtype), added before rounding when packed.
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& residual) const;
+  // accumulator += linear(x), in place (accumulator: contiguous rows of the output's shape).
+  void add_to(const at::Tensor& x, at::Tensor& accumulator) const;
+  // As Conv2d::pack.
+  bool pack();
+  int64_t in_features() const { return packed ? packed->in_channels : weight.size(1); }
+  int64_t out_features() const { return packed ? packed->out_features : weight.size(0); }
 };
 
 struct GroupNorm {
@@ -133,8 +153,10 @@ struct ResnetBlock2D {
   // dtype; undefined when the block has no time embedding. (The UNet projects for all its blocks
   // in one product.)
   at::Tensor forward_projected(const at::Tensor& x, const at::Tensor& time_proj) const;
-  int64_t in_channels() const { return conv1.weight.size(1); }
-  int64_t out_channels() const { return conv2.weight.size(0); }
+  // Packs the convolutions (not time_emb_proj, which the UNet batches itself); see Conv2d::pack.
+  void pack();
+  int64_t in_channels() const { return conv1.in_channels(); }
+  int64_t out_channels() const { return conv2.out_channels(); }
 };
 
 // Downsample2D with use_conv: a 3x3 stride-2 convolution; padding 0 means upstream's asymmetric
@@ -146,6 +168,7 @@ struct Downsample2D {
   static Downsample2D load(io::WeightLoader& weights, const std::string& prefix, int64_t channels,
                            int64_t padding, bool channels_last);
   at::Tensor operator()(const at::Tensor& x) const;
+  void pack() { conv.pack(); }
 };
 
 // Upsample2D with use_conv: nearest-neighbour resize (2x, or to `size` when given: the UNet's
@@ -156,6 +179,7 @@ struct Upsample2D {
   static Upsample2D load(io::WeightLoader& weights, const std::string& prefix, int64_t channels,
                          bool channels_last);
   at::Tensor operator()(const at::Tensor& x, std::optional<std::pair<int64_t, int64_t>> size) const;
+  void pack() { conv.pack(); }
 };
 
 // softmax(q k^T * scale) v per head. q: [B, Nq, heads*D], k and v: [B, Nk, heads*D] (same dtype)
@@ -172,7 +196,8 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
 // without bias (attention_bias=False), to_out.0 with bias.
 struct CrossAttention {
   Linear to_q, to_k, to_v, to_out;
-  at::Tensor qkv_weight;  // [3*inner, dim] when self-attention: one product for q, k and v
+  // Self-attention: to_q, to_k and to_v stacked ([3*inner, dim]), one product for q, k and v.
+  std::optional<Linear> qkv;
   int64_t heads = 1;
   bool upcast = false;
 
@@ -180,9 +205,20 @@ struct CrossAttention {
   static CrossAttention load(io::WeightLoader& weights, const std::string& prefix, int64_t query_dim,
                              std::optional<int64_t> context_dim, int64_t heads, int64_t head_dim,
                              bool upcast);
-  // x: [B, N, dim]; context: [B, S, context_dim] or undefined (self-attention).
-  at::Tensor operator()(const at::Tensor& x, const at::Tensor& context, const ComputeOptions& options) const;
+  // x: [B, N, dim]; context: [B, S, context_dim] or undefined (self-attention). Returns the
+  // attention output plus `residual` when given ([B, N, dim]).
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& context, const ComputeOptions& options,
+                        const at::Tensor& residual = at::Tensor()) const;
+  // The attention output added to `accumulator` in place ([B, N, dim], contiguous).
+  void add_to(const at::Tensor& x, const at::Tensor& context, const ComputeOptions& options,
+              at::Tensor& accumulator) const;
+  // Packs the projections (for self-attention the stacked one; to_q, to_k and to_v are then
+  // released as well).
+  void pack();
   int64_t context_dim() const { return to_k.in_features(); }
+
+ private:
+  at::Tensor attend(const at::Tensor& x, const at::Tensor& context, const ComputeOptions& options) const;
 };
 
 struct TransformerSettings {
@@ -208,6 +244,7 @@ struct BasicTransformerBlock {
                                     const TransformerSettings& settings);
   at::Tensor operator()(const at::Tensor& tokens, const at::Tensor& context,
                         const ComputeOptions& options) const;
+  void pack();
 };
 
 // Transformer2DModel on continuous [B, C, H, W] input: group norm (eps 1e-6), proj_in, blocks,
@@ -221,6 +258,7 @@ struct Transformer2D {
   static Transformer2D load(io::WeightLoader& weights, const std::string& prefix, int64_t channels,
                             const TransformerSettings& settings);
   at::Tensor operator()(const at::Tensor& x, const at::Tensor& context, const ComputeOptions& options) const;
+  void pack();
   int64_t context_dim() const { return blocks.empty() ? -1 : blocks.front().attn2.context_dim(); }
 };
 
@@ -237,6 +275,7 @@ struct SpatialSelfAttention {
   static SpatialSelfAttention load(io::WeightLoader& weights, const std::string& prefix, int64_t channels,
                                    int64_t heads, int64_t groups, double eps);
   at::Tensor operator()(const at::Tensor& x, const ComputeOptions& options) const;
+  void pack();
 };
 
 // Sinusoidal timestep embedding exactly as diffusers' get_timestep_embedding (float32 math, same

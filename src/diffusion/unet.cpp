@@ -401,6 +401,26 @@ UNet2DCondition::UNet2DCondition(const UNetConfig& config, io::WeightLoader& wei
     offset += width;
   }
 
+  // Weights in the AMX kernels' tile order (time_emb_proj excluded: batched above).
+  if (options.packed_weights) {
+    for (auto& block : down_blocks_) {
+      for (auto& r : block.resnets) r.pack();
+      for (auto& a : block.attentions) a.pack();
+      if (block.downsampler) block.downsampler->pack();
+    }
+    if (mid_block_) {
+      for (auto& r : mid_block_->resnets) r.pack();
+      for (auto& a : mid_block_->attentions) a.pack();
+    }
+    for (auto& block : up_blocks_) {
+      for (auto& r : block.resnets) r.pack();
+      for (auto& a : block.attentions) a.pack();
+      if (block.upsampler) block.upsampler->pack();
+    }
+    conv_in_.pack();
+    conv_out_.pack();
+  }
+
   if (context_dims.size() > 1) {
     std::vector<int64_t> dims(context_dims.begin(), context_dims.end());
     throw ConfigError("UNet2DCondition: cross-attention layers expect different context widths " +

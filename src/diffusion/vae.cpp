@@ -212,6 +212,25 @@ AutoencoderKL::AutoencoderKL(const VaeConfig& config, io::WeightLoader& weights,
       GroupNorm::load(weights, "decoder.conv_norm_out.", channels[0], config.norm_num_groups, kVaeNormEps);
   decoder_conv_out_ =
       Conv2d::load(weights, "decoder.conv_out.", channels[0], config.out_channels, 3, 1, 1, cl);
+  // Weights in the AMX kernels' tile order where the CPU and the shapes allow.
+  if (options.packed_weights) {
+    const auto pack_mid = [](MidBlock& mid) {
+      for (auto& r : mid.resnets) r.pack();
+      for (auto& a : mid.attentions) a.pack();
+    };
+    for (auto* stages : {&encoder_blocks_, &decoder_blocks_})
+      for (auto& stage : *stages) {
+        for (auto& r : stage.resnets) r.pack();
+        if (stage.downsampler) stage.downsampler->pack();
+        if (stage.upsampler) stage.upsampler->pack();
+      }
+    pack_mid(encoder_mid_);
+    pack_mid(decoder_mid_);
+    for (auto* conv : {&encoder_conv_in_, &encoder_conv_out_, &decoder_conv_in_, &decoder_conv_out_})
+      conv->pack();
+    if (quant_conv_) quant_conv_->pack();
+    if (post_quant_conv_) post_quant_conv_->pack();
+  }
 }
 
 AutoencoderKL AutoencoderKL::load(const std::string& dir, std::optional<at::ScalarType> float_dtype,

@@ -1,0 +1,63 @@
+// bfloat16 matrix products on AMX tiles with weights packed once at load: linear layers and
+// stride-1 "same" convolutions (3x3 as an implicit GEMM over a zero-padded NHWC copy of the
+// input, 1x1 as a plain product), with bias and an optional residual added before the single
+// rounding to bfloat16.
+//
+// Why not at::linear / at::conv2d (oneDNN 2.6 through libtorch 1.13): both reorder the weights
+// into oneDNN's blocked layout on every call (a 1280x2560x3x3 kernel took 40-60 ms per call just
+// for that), and the convolution streams the whole kernel once per output row, so SD's 16x16 and
+// 8x8 levels with 1280-2560 channels ran at 60-170 GFLOP/s, a tenth of the GEMM peak. Here the
+// weights are packed in tile order when the model is built, every output block keeps its
+// accumulators in tiles over a K chunk whose weight panel stays in L1, and each weight byte is read
+// from memory once per call.
+//
+// Numerics: products and sums in float32 (the tiles' dot products), one rounding to bfloat16 at
+// the end (after bias and residual), as oneDNN's bfloat16 kernels do; summation order differs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+
+namespace voken::diffusion {
+
+// A weight W [N, K] packed as the B operand of C = A W^T: 32-column blocks, each over K in 32-deep
+// steps of two 16x16 pair-interleaved ("VNNI") tiles. For a k x k convolution K = k*k*C_in,
+// ordered (ky, kx, c) to match NHWC pixels.
+struct PackedGemmWeight {
+  at::Tensor data;           // bfloat16, N/32 * K/32 * 1024 elements
+  at::Tensor bias;           // float32 [N], or undefined
+  int64_t out_features = 0;  // N
+  int64_t in_channels = 0;   // K per kernel tap
+  int64_t kernel = 1;        // 1: linear or 1x1 convolution; 3: 3x3 convolution (padding 1)
+
+  int64_t depth() const { return kernel * kernel * in_channels; }
+};
+
+// Whether a weight of this shape can be packed and run here: an AMX-BF16 CPU (attention_kernels.h
+// has_amx_bf16), N and K per tap multiples of 32, kernel 1 or 3.
+bool packed_gemm_supported(int64_t out_features, int64_t in_channels, int64_t kernel);
+
+// W: [N, K] (linear) or [N, C, k, k] (convolution, any memory order), any float dtype (rounded to
+// bfloat16); bias [N] or undefined. Throws ArgumentError when !packed_gemm_supported.
+std::shared_ptr<const PackedGemmWeight> pack_gemm_weight(const at::Tensor& weight, const at::Tensor& bias);
+
+// x W^T + bias (+ residual): x bfloat16 [..., K] (rows with any uniform stride), residual
+// bfloat16 of the output's shape or undefined. Returns a contiguous bfloat16 [..., N].
+at::Tensor packed_linear(const at::Tensor& x, const PackedGemmWeight& weight,
+                         const at::Tensor& residual = at::Tensor());
+
+// accumulator += x W^T + bias, in place: accumulator bfloat16 [..., N] with contiguous rows.
+void packed_linear_into(const at::Tensor& x, const PackedGemmWeight& weight, at::Tensor& accumulator);
+
+// Stride-1 convolution with padding (kernel-1)/2 (+ residual): x bfloat16 [B, C, H, W] (any memory
+// order), residual bfloat16 [B, N, H, W] or undefined. Returns bfloat16 [B, N, H, W] in x's
+// memory order (channels-last unless x is NCHW-contiguous).
+at::Tensor packed_conv2d(const at::Tensor& x, const PackedGemmWeight& weight,
+                         const at::Tensor& residual = at::Tensor());
+
+// Unpacks to W [N, K] bfloat16 (and bias): for tests.
+at::Tensor unpack_gemm_weight(const PackedGemmWeight& weight);
+
+}  // namespace voken::diffusion
