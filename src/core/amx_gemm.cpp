@@ -1,0 +1,484 @@
+#include "core/amx_gemm.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <string>
+#include <type_traits>
+
+#include "voken/error.h"
+
+// GCC 12 reports its own AVX-512 intrinsics as possibly reading uninitialised vectors; they do not.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__linux__)
+#define VOKEN_HAVE_AMX_GEMM 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "diffusion/simd_avx512.h"
+#define VOKEN_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#endif
+
+namespace voken::core {
+
+#ifdef VOKEN_HAVE_AMX_GEMM
+namespace {
+
+using bf16_bits = uint16_t;
+namespace simd = voken::diffusion::simd;
+
+bool detect_amx_bf16() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))) return false;  // OSXSAVE
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool avx512 = (ebx & (1u << 16)) && (ebx & (1u << 30)) && (ebx & (1u << 17)) && (ebx & (1u << 31));
+  const bool amx = (edx & (1u << 24)) && (edx & (1u << 22));  // AMX-TILE, AMX-BF16
+  if (!avx512 || !amx) return false;
+  if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !(eax & (1u << 5))) return false;  // AVX512-BF16
+  uint32_t xcr0_lo = 0, xcr0_hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  const uint32_t avx512_state = 0xE6;                   // SSE, AVX, opmask, ZMM halves
+  const uint32_t tile_state = (1u << 17) | (1u << 18);  // XTILECFG, XTILEDATA
+  if ((xcr0_lo & avx512_state) != avx512_state || (xcr0_lo & tile_state) != tile_state) return false;
+  // Linux hands out the (large) tile state only to processes that ask for it.
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 0;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile is a full 16 x 64-byte tile: C (float32 16 x 16) in 0-3, A (16 weight rows x 32
+// inputs) in 4-5, B (16 input pairs x 16 tokens x 2) in 6-7.
+VOKEN_AMX void load_tile_config() {
+  TileConfig config;
+  config.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  _tile_loadconfig(&config);
+}
+
+// One 64-byte tile row (a cache line) per step of 32 inputs.
+constexpr int64_t kStep = 32;
+// Elements of one packed x block: 16 pairs x 16 tokens x 2.
+constexpr int64_t kPackedBlock = 512;
+
+// 16 x 16 transpose of 32-bit lanes (unpack, shuffle within 128-bit lanes, then across lanes).
+VOKEN_AMX inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512 v = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88);
+    const __m512 w = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88);
+    const __m512 w2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xDD);
+    r[j] = _mm512_shuffle_f32x4(v, v2, 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(v, v2, 0xDD);
+    r[4 + j] = _mm512_shuffle_f32x4(w, w2, 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(w, w2, 0xDD);
+  }
+}
+
+inline __mmask16 mask16(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+}
+inline __mmask32 mask32(int64_t n) {
+  return n >= 32 ? __mmask32(0xFFFFFFFFu) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1u);
+}
+
+// x [M, K] (row stride ldx) -> blocks [M/16][K/32][16 pairs][16 tokens][2] bf16 (rounded to
+// nearest even), zero padded, for the token blocks [mb_begin, mb_end).
+template <typename T>
+VOKEN_AMX void pack_x(const T* x, int64_t ldx, int64_t m, int64_t k, int64_t k_steps, bf16_bits* packed,
+                      int64_t mb_begin, int64_t mb_end) {
+  for (int64_t mb = mb_begin; mb < mb_end; ++mb) {
+    for (int64_t s = 0; s < k_steps; ++s) {
+      const int64_t k0 = s * kStep;
+      __m512 rows[16];
+      for (int t = 0; t < 16; ++t) {
+        const int64_t token = mb * 16 + t;
+        if (token >= m) {
+          rows[t] = _mm512_setzero_ps();
+          continue;
+        }
+        const T* p = x + token * ldx + k0;
+        if constexpr (std::is_same_v<T, float>) {
+          const __m512 lo = _mm512_maskz_loadu_ps(mask16(k - k0), p);
+          const __m512 hi = _mm512_maskz_loadu_ps(mask16(k - k0 - 16), p + 16);
+          rows[t] = (__m512)_mm512_cvtne2ps_pbh(hi, lo);
+        } else {
+          rows[t] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask32(k - k0), p));
+        }
+      }
+      transpose16(rows);
+      bf16_bits* out = packed + (mb * k_steps + s) * kPackedBlock;
+      for (int i = 0; i < 16; ++i) _mm512_store_ps(reinterpret_cast<float*>(out + i * 32), rows[i]);
+    }
+  }
+}
+
+struct Job {
+  const bf16_bits* weight = nullptr;
+  int64_t ldw = 0;  // elements
+  int64_t n = 0;
+  const float* bias = nullptr;
+  Activation activation = Activation::None;
+  void* out = nullptr;  // [M, N] with row stride ldo
+  int64_t ldo = 0;
+  float* accumulator = nullptr;  // [blocks * 32][m_blocks * 16] partial sums when K is split
+  int64_t first_unit = 0;        // units (32-row blocks) of earlier jobs
+};
+
+struct Problem {
+  std::vector<Job> jobs;
+  const bf16_bits* packed = nullptr;
+  int64_t m = 0, k = 0, k_steps = 0, m_blocks = 0;
+  bool out_bf16 = false;
+  int64_t units = 0;
+};
+
+// gelu with tanh: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3); tanh(u) = 1 - 2 / (e^2u + 1).
+VOKEN_AMX inline __m512 gelu_tanh16(__m512 x) {
+  const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+  const __m512 u =
+      _mm512_mul_ps(_mm512_fmadd_ps(x3, _mm512_set1_ps(0.044715f), x), _mm512_set1_ps(0.7978845608028654f));
+  const __m512 e = simd::exp16(_mm512_mul_ps(u, _mm512_set1_ps(2.0f)));
+  const __m512 tanh = _mm512_sub_ps(
+      _mm512_set1_ps(1.0f), _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.0f), tanh));
+}
+
+// A 16 x 16 result tile c[n][token] (float32, stride 16) -> out rows token0.., columns n0..:
+// transposed, plus bias, activation, rounding.
+VOKEN_AMX void write_tile(const Problem& p, const Job& job, const float* c, int64_t n0, int64_t token0) {
+  __m512 rows[16];
+  for (int i = 0; i < 16; ++i) rows[i] = _mm512_load_ps(c + i * 16);
+  transpose16(rows);
+  const __mmask16 columns = mask16(job.n - n0);
+  const __m512 bias = job.bias ? _mm512_maskz_loadu_ps(columns, job.bias + n0) : _mm512_setzero_ps();
+  const int64_t tokens = std::min<int64_t>(16, p.m - token0);
+  for (int64_t t = 0; t < tokens; ++t) {
+    __m512 v = _mm512_add_ps(rows[t], bias);
+    if (job.activation == Activation::GeluErf)
+      v = simd::gelu16(v);
+    else if (job.activation == Activation::GeluTanh)
+      v = gelu_tanh16(v);
+    const int64_t offset = (token0 + t) * job.ldo + n0;
+    if (p.out_bf16)
+      simd::store16(static_cast<bf16_bits*>(job.out) + offset, v, columns);
+    else
+      _mm512_mask_storeu_ps(static_cast<float*>(job.out) + offset, columns, v);
+  }
+}
+
+// C += A B over `steps` steps of 32 inputs. A: NA tiles of 16 weight rows, a_row_bytes between
+// rows, a_step elements between steps, the second tile a_tile elements after the first; B: NB
+// packed token blocks (b_stride elements apart). Each product follows its own loads, so that a
+// load can overlap the previous product.
+template <int NA, int NB>
+VOKEN_AMX inline void tile_product(const bf16_bits* a, int64_t a_row_bytes, int64_t a_step, int64_t a_tile,
+                                   const bf16_bits* b, int64_t b_stride, int64_t steps) {
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(4, a + s * a_step, a_row_bytes);
+    _tile_loadd(6, b + s * kPackedBlock, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NB == 2) {
+      _tile_loadd(7, b + b_stride + s * kPackedBlock, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (NA == 2) {
+      _tile_loadd(5, a + a_tile + s * a_step, a_row_bytes);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NB == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+}
+
+struct Scratch {
+  alignas(64) float c[4][256];
+  std::unique_ptr<bf16_bits, decltype(&std::free)> panel{nullptr, &std::free};
+  int64_t panel_elements = 0;
+  bf16_bits* panel_for(int64_t elements) {
+    if (elements > panel_elements) {
+      panel.reset(static_cast<bf16_bits*>(std::aligned_alloc(64, static_cast<size_t>(elements) * 2)));
+      if (!panel) throw std::bad_alloc();
+      panel_elements = elements;
+    }
+    return panel.get();
+  }
+};
+
+// Weight rows [0, rows) (row stride ldw) over inputs [k_begin, k_end) -> tiles laid out one step
+// after the other: [step][NA tiles][16 rows][32], zero padded (missing rows and inputs past k_end).
+// For partial blocks, so that no tile reads past the weights.
+template <int NA>
+VOKEN_AMX void pack_panel(const bf16_bits* w, int64_t ldw, int64_t rows, int64_t k_begin, int64_t k_end,
+                          bf16_bits* panel) {
+  const int64_t steps = (k_end - k_begin + kStep - 1) / kStep;
+  for (int64_t r = 0; r < NA * 16; ++r) {
+    bf16_bits* dst = panel + (r / 16) * 512 + (r % 16) * 32;
+    if (r >= rows) {
+      for (int64_t s = 0; s < steps; ++s) _mm512_store_si512(dst + s * NA * 512, _mm512_setzero_si512());
+      continue;
+    }
+    const bf16_bits* src = w + r * ldw + k_begin;
+    const int64_t full = (k_end - k_begin) / kStep;
+    for (int64_t s = 0; s < full; ++s)
+      _mm512_store_si512(dst + s * NA * 512, _mm512_loadu_si512(src + s * kStep));
+    if (full < steps)
+      _mm512_store_si512(
+          dst + full * NA * 512,
+          _mm512_maskz_loadu_epi16(mask32(k_end - k_begin - full * kStep), src + full * kStep));
+  }
+}
+
+// One unit: rows [n0, n0 + 16 NA) of a job against all tokens, for the input steps
+// [step_begin, step_end). The first pass accumulates from zero, the last writes the output.
+template <int NA>
+VOKEN_AMX void run_unit_rows(const Problem& p, const Job& job, int64_t n0, int64_t rows, int64_t step_begin,
+                             int64_t step_end, Scratch& scratch) {
+  const bool first = step_begin == 0, last = step_end == p.k_steps;
+  const int64_t steps = step_end - step_begin;
+  const bf16_bits* a;
+  int64_t a_row_bytes, a_step, a_tile;
+  // Full blocks of whole 32-input steps are read in place, straight from the weights; a partial
+  // block (or rows that are no multiple of 32 long) is copied into a zero-padded panel first, so
+  // that no tile reads past the weights.
+  const bool in_place = rows == NA * 16 && p.k % kStep == 0;
+  if (in_place) {
+    a = job.weight + n0 * job.ldw + step_begin * kStep;
+    a_row_bytes = job.ldw * 2;
+    a_step = kStep;
+    a_tile = 16 * job.ldw;
+  } else {
+    bf16_bits* panel = scratch.panel_for(steps * NA * 512);
+    pack_panel<NA>(job.weight + n0 * job.ldw, job.ldw, rows, step_begin * kStep,
+                   std::min(p.k, step_end * kStep), panel);
+    a = panel;
+    a_row_bytes = 64;
+    a_step = NA * 512;
+    a_tile = 512;
+  }
+  const int64_t acc_row = p.m_blocks * 16;
+  const int64_t acc_stride_bytes = acc_row * static_cast<int64_t>(sizeof(float));
+  const int64_t b_stride = p.k_steps * kPackedBlock;
+  for (int64_t mb = 0; mb < p.m_blocks; mb += 2) {
+    const int nb = p.m_blocks - mb >= 2 ? 2 : 1;
+    const bf16_bits* b = p.packed + (mb * p.k_steps + step_begin) * kPackedBlock;
+    float* acc = job.accumulator ? job.accumulator + n0 * acc_row + mb * 16 : nullptr;
+    if (first) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+    } else {
+      _tile_loadd(0, acc, acc_stride_bytes);
+      if (nb == 2) _tile_loadd(1, acc + 16, acc_stride_bytes);
+      if (NA == 2) {
+        _tile_loadd(2, acc + 16 * acc_row, acc_stride_bytes);
+        if (nb == 2) _tile_loadd(3, acc + 16 * acc_row + 16, acc_stride_bytes);
+      }
+    }
+    if (nb == 2)
+      tile_product<NA, 2>(a, a_row_bytes, a_step, a_tile, b, b_stride, steps);
+    else
+      tile_product<NA, 1>(a, a_row_bytes, a_step, a_tile, b, b_stride, steps);
+    if (last) {
+      _tile_stored(0, scratch.c[0], 64);
+      if (nb == 2) _tile_stored(1, scratch.c[1], 64);
+      if (NA == 2) {
+        _tile_stored(2, scratch.c[2], 64);
+        if (nb == 2) _tile_stored(3, scratch.c[3], 64);
+      }
+      for (int ia = 0; ia < NA; ++ia)
+        for (int ib = 0; ib < nb; ++ib)
+          write_tile(p, job, scratch.c[ia * 2 + ib], n0 + 16 * ia, (mb + ib) * 16);
+    } else {
+      _tile_stored(0, acc, acc_stride_bytes);
+      if (nb == 2) _tile_stored(1, acc + 16, acc_stride_bytes);
+      if (NA == 2) {
+        _tile_stored(2, acc + 16 * acc_row, acc_stride_bytes);
+        if (nb == 2) _tile_stored(3, acc + 16 * acc_row + 16, acc_stride_bytes);
+      }
+    }
+  }
+}
+
+VOKEN_AMX void run_unit(const Problem& p, int64_t unit, int64_t step_begin, int64_t step_end,
+                        Scratch& scratch) {
+  const Job* job = &p.jobs.front();
+  for (const Job& j : p.jobs)
+    if (unit >= j.first_unit) job = &j;
+  const int64_t n0 = (unit - job->first_unit) * 32;
+  const int64_t rows = std::min<int64_t>(32, job->n - n0);
+  if (rows > 16)
+    run_unit_rows<2>(p, *job, n0, rows, step_begin, step_end, scratch);
+  else
+    run_unit_rows<1>(p, *job, n0, rows, step_begin, step_end, scratch);
+}
+
+VOKEN_AMX void run_units(const Problem& p, std::atomic<int64_t>& next, int64_t step_begin, int64_t step_end) {
+  load_tile_config();
+  Scratch scratch;
+  for (int64_t u = next.fetch_add(1); u < p.units; u = next.fetch_add(1))
+    run_unit(p, u, step_begin, step_end, scratch);
+  _tile_release();
+}
+
+VOKEN_AMX void pack_any(const at::Tensor& x, Problem& p, bf16_bits* packed, int64_t begin, int64_t end) {
+  if (x.scalar_type() == at::kFloat)
+    pack_x(x.data_ptr<float>(), x.stride(0), p.m, p.k, p.k_steps, packed, begin, end);
+  else
+    pack_x(reinterpret_cast<const bf16_bits*>(x.data_ptr<at::BFloat16>()), x.stride(0), p.m, p.k, p.k_steps,
+           packed, begin, end);
+}
+
+}  // namespace
+#endif
+
+bool has_amx_bf16() {
+#ifdef VOKEN_HAVE_AMX_GEMM
+  static const bool available = detect_amx_bf16();  // a CPU/OS property, computed once
+  return available;
+#else
+  return false;
+#endif
+}
+
+std::vector<at::Tensor> amx_linear_many(const at::Tensor& x, const std::vector<AmxLinearJob>& jobs,
+                                        at::ScalarType out_dtype) {
+  if (!has_amx_bf16()) throw ArgumentError("amx_linear: this CPU (or OS) does not offer AMX-BF16");
+  if (!x.defined() || x.dim() < 1 || !x.device().is_cpu() ||
+      (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16))
+    throw ArgumentError("amx_linear: x must be a float32 or bfloat16 CPU tensor with at least one dimension");
+  if (out_dtype != at::kFloat && out_dtype != at::kBFloat16)
+    throw ArgumentError("amx_linear: the output dtype must be float32 or bfloat16");
+  if (jobs.empty()) throw ArgumentError("amx_linear: no weights given");
+  const int64_t k = x.size(-1);
+  for (const auto& job : jobs) {
+    const auto& w = job.weight;
+    if (!w.defined() || w.dim() != 2 || w.scalar_type() != at::kBFloat16 || !w.device().is_cpu() ||
+        (w.size(1) > 1 && w.stride(1) != 1) || w.stride(0) < w.size(1))
+      throw ArgumentError("amx_linear: weights must be 2-D bfloat16 CPU tensors with unit stride along rows");
+    if (w.size(1) != k)
+      throw ArgumentError("amx_linear: x has " + std::to_string(k) + " features, a weight expects " +
+                          std::to_string(w.size(1)));
+    if (job.bias.defined() && (job.bias.numel() != w.size(0) || !job.bias.device().is_cpu()))
+      throw ArgumentError("amx_linear: a bias has " + std::to_string(job.bias.numel()) + " values for " +
+                          std::to_string(w.size(0)) + " outputs");
+  }
+#ifdef VOKEN_HAVE_AMX_GEMM
+  at::Tensor rows = x.reshape({-1, k});
+  if (rows.stride(1) != 1 || rows.stride(0) < k) rows = rows.contiguous();
+  const int64_t m = rows.size(0);
+  std::vector<at::Tensor> outputs;
+  auto out_shape = x.sizes().vec();
+  for (const auto& job : jobs) {
+    out_shape.back() = job.weight.size(0);
+    outputs.push_back(at::empty(out_shape, x.options().dtype(out_dtype)));
+  }
+  if (m == 0 || k == 0) {
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      outputs[i].zero_();
+      if (jobs[i].bias.defined() && m > 0) outputs[i].add_(jobs[i].bias.to(out_dtype));
+    }
+    return outputs;
+  }
+
+  Problem p;
+  p.m = m;
+  p.k = k;
+  p.k_steps = (k + kStep - 1) / kStep;
+  p.m_blocks = (m + 15) / 16;
+  p.out_bf16 = out_dtype == at::kBFloat16;
+  // Packed x stays in L2 (2 MB per core here): beyond ~1 MB the inputs are split into passes
+  // whose partial sums go through a float32 accumulator.
+  const int64_t steps_per_pass = std::max<int64_t>(8, 1024 / p.m_blocks);
+  const int64_t passes = (p.k_steps + steps_per_pass - 1) / steps_per_pass;
+
+  std::vector<at::Tensor> keep_alive;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    Job job;
+    job.weight = reinterpret_cast<const bf16_bits*>(jobs[i].weight.data_ptr<at::BFloat16>());
+    job.ldw = jobs[i].weight.stride(0);
+    job.n = jobs[i].weight.size(0);
+    if (jobs[i].bias.defined()) {
+      keep_alive.push_back(jobs[i].bias.to(at::kFloat).contiguous());
+      job.bias = keep_alive.back().data_ptr<float>();
+    }
+    job.activation = jobs[i].activation;
+    job.out = outputs[i].data_ptr();
+    job.ldo = job.n;
+    const int64_t blocks = (job.n + 31) / 32;
+    if (passes > 1) {
+      keep_alive.push_back(at::empty({blocks * 32, p.m_blocks * 16}, at::kFloat));
+      job.accumulator = keep_alive.back().data_ptr<float>();
+    }
+    job.first_unit = p.units;
+    p.units += blocks;
+    p.jobs.push_back(job);
+  }
+
+  const std::unique_ptr<bf16_bits, decltype(&std::free)> packed(
+      static_cast<bf16_bits*>(std::aligned_alloc(64, static_cast<size_t>(p.m_blocks * p.k_steps) * 1024)),
+      &std::free);
+  if (!packed) throw std::bad_alloc();
+  p.packed = packed.get();
+  const int64_t threads = at::get_num_threads();
+  if (p.m_blocks > 1 && threads > 1)
+    at::parallel_for(0, p.m_blocks, 1,
+                     [&](int64_t begin, int64_t end) { pack_any(rows, p, packed.get(), begin, end); });
+  else
+    pack_any(rows, p, packed.get(), 0, p.m_blocks);
+
+  const int64_t workers = std::min<int64_t>(threads, p.units);
+  for (int64_t pass = 0; pass < passes; ++pass) {
+    const int64_t step_begin = pass * steps_per_pass;
+    const int64_t step_end = std::min(p.k_steps, step_begin + steps_per_pass);
+    std::atomic<int64_t> next{0};
+    // Units are handed out from a shared counter: a thread that loses its core to another
+    // process leaves its share to the others instead of holding up the whole product.
+    if (workers > 1)
+      at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { run_units(p, next, step_begin, step_end); });
+    else
+      run_units(p, next, step_begin, step_end);
+  }
+  return outputs;
+#else
+  throw ArgumentError("amx_linear: not compiled with AMX support");
+#endif
+}
+
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                      at::ScalarType out_dtype, Activation activation) {
+  return amx_linear_many(x, {AmxLinearJob{weight, bias, activation}}, out_dtype).front();
+}
+
+}  // namespace voken::core

@@ -1,0 +1,48 @@
+// y = x W^T (+ bias) with bfloat16 weights on Intel AMX (AMX-BF16 tiles, float32 accumulation),
+// for the compute-bound products of the LLM prefill and the vision encoder.
+//
+// Why not at::linear: libtorch 1.13 hands a bf16 product to oneDNN, which re-packs the whole
+// weight matrix into its blocked layout at every call (a read and a write of every weight byte,
+// as long as the product itself for the shapes here), and rounds the result to bf16. This kernel
+// reads the weights where they are, in their [out, in] row-major layout (memory-mapped
+// checkpoints stay untouched: no copy, no extra RSS): a weight block of 16 rows x 32 inputs is
+// exactly an AMX "A" tile, so the product is computed transposed, y^T = W x^T, with x packed
+// once per call into the pair-interleaved layout of the "B" tiles (small: tokens x in). The
+// 16 x 16 float32 result tiles are transposed back on the way out, where bias, activation and
+// the output rounding happen too.
+//
+// Several weights that share the same input (q/k/v, gate/up) can be computed in one call: x is
+// packed once and all their row blocks are handed out to the threads from one shared counter,
+// in one parallel region.
+//
+// Numerics: x is rounded to bf16 (round to nearest even), products and sums are float32 (AMX
+// TDPBF16PS), the output is float32 or rounded once to bf16 after bias and activation.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace voken::core {
+
+// AMX-BF16 and AVX512-BF16 present and the tile state granted by the OS (computed once).
+bool has_amx_bf16();
+
+enum class Activation { None, GeluErf, GeluTanh };
+
+struct AmxLinearJob {
+  at::Tensor weight;  // [N, K] bfloat16, unit stride along K (any row stride)
+  at::Tensor bias;    // [N] any float dtype, or undefined
+  Activation activation = Activation::None;
+};
+
+// For every job: x [..., K] (float32 or bf16, CPU) times weight^T -> [..., N] in out_dtype
+// (float32 or bf16). ArgumentError when AMX is missing or the arguments do not fit.
+std::vector<at::Tensor> amx_linear_many(const at::Tensor& x, const std::vector<AmxLinearJob>& jobs,
+                                        at::ScalarType out_dtype);
+
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias = {},
+                      at::ScalarType out_dtype = at::kFloat, Activation activation = Activation::None);
+
+}  // namespace voken::core
