@@ -7,7 +7,9 @@
 #include <algorithm>
 #include <atomic>
 #include <string>
+#include <vector>
 
+#include "core/amx_gemm.h"
 #include "voken/error.h"
 
 // GCC 12 reports its own _mm512_setzero_ps/_mm512_reduce_add_ps as "may be used uninitialized".
@@ -29,12 +31,14 @@ VOKEN_AVX512 inline __m512 load_bf16_tail(const uint16_t* p, __mmask16 mask) {
 
 // y[m, j] = sum_k x[m, k] * W[j, k] for output rows [row_begin, row_end): R weight rows at a time
 // against all M input rows, so every weight byte is read once and each loaded x vector serves R
-// rows. Accumulates in float32 in 16-wide lanes, reduced at the end.
+// rows; accumulates in float32 in 16-wide lanes, reduced at the end. The R rows are R streams in
+// flight (more DRAM requests outstanding than one sequential row keeps; measured faster), each
+// with its line kPrefetchBytes ahead requested explicitly.
 template <int M, int R>
 VOKEN_AVX512 void gemv_rows(const float* x, const uint16_t* w, float* y, int64_t in, int64_t out,
                             int64_t row_begin, int64_t row_end) {
-  const int64_t full = in / 16 * 16;
-  const __mmask16 tail_mask = static_cast<__mmask16>((1u << (in - full)) - 1u);
+  constexpr int64_t kPrefetchBytes = 512;
+  const int64_t full = in / 32 * 32;
   int64_t j = row_begin;
   for (; j + R <= row_end; j += R) {
     __m512 acc[R][M];
@@ -42,22 +46,29 @@ VOKEN_AVX512 void gemv_rows(const float* x, const uint16_t* w, float* y, int64_t
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < full; k += 16) {
-      __m512 xv[M];
+    for (int64_t k = 0; k < full; k += 32) {
 #pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * in + k);
+      for (int r = 0; r < R; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (j + r) * in + k) + kPrefetchBytes, _MM_HINT_T0);
+#pragma GCC unroll 2
+      for (int half = 0; half < 2; ++half) {
+        __m512 xv[M];
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const __m512 wv = load_bf16(w + (j + r) * in + k);
+        for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * in + k + 16 * half);
 #pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+        for (int r = 0; r < R; ++r) {
+          const __m512 wv = load_bf16(w + (j + r) * in + k + 16 * half);
+#pragma GCC unroll 8
+          for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+        }
       }
     }
-    if (full < in) {
+    for (int64_t k = full; k < in; k += 16) {
+      const __mmask16 mask = static_cast<__mmask16>(in - k >= 16 ? 0xFFFF : (1u << (in - k)) - 1u);
       __m512 xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(tail_mask, x + m * in + full);
+      for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * in + k);
       for (int r = 0; r < R; ++r) {
-        const __m512 wv = load_bf16_tail(w + (j + r) * in + full, tail_mask);
+        const __m512 wv = load_bf16_tail(w + (j + r) * in + k, mask);
         for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
       }
     }
@@ -67,21 +78,78 @@ VOKEN_AVX512 void gemv_rows(const float* x, const uint16_t* w, float* y, int64_t
   if (j < row_end) gemv_rows<M, 1>(x, w, y, in, out, j, row_end);
 }
 
+// Chunks of work shared by the threads: thread t first takes chunks from the front of its own
+// contiguous share (one sequential stream), then steals from the back of the others' shares (so
+// that a descheduled thread does not hold up the step). front and back live in one 64-bit word.
+class ChunkRanges {
+ public:
+  ChunkRanges(int64_t chunks, int64_t threads) : ranges_(static_cast<size_t>(threads)) {
+    for (int64_t t = 0; t < threads; ++t) {
+      const uint64_t front = static_cast<uint64_t>(chunks * t / threads);
+      const uint64_t back = static_cast<uint64_t>(chunks * (t + 1) / threads);
+      ranges_[static_cast<size_t>(t)].word.store(front << 32 | back, std::memory_order_relaxed);
+    }
+  }
+  // The next chunk for thread t, or -1 when everything is taken.
+  int64_t next(int64_t t) {
+    const int64_t own = take(ranges_[static_cast<size_t>(t)], /*from_front=*/true);
+    if (own >= 0) return own;
+    const int64_t n = static_cast<int64_t>(ranges_.size());
+    for (int64_t i = 1; i < n; ++i) {
+      const int64_t stolen = take(ranges_[static_cast<size_t>((t + i) % n)], /*from_front=*/false);
+      if (stolen >= 0) return stolen;
+    }
+    return -1;
+  }
+
+ private:
+  struct alignas(64) Range {
+    std::atomic<uint64_t> word{0};
+  };
+  static int64_t take(Range& r, bool from_front) {
+    uint64_t word = r.word.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t front = word >> 32, back = word & 0xFFFFFFFFu;
+      if (front >= back) return -1;
+      const uint64_t updated = from_front ? (front + 1) << 32 | back : front << 32 | (back - 1);
+      if (r.word.compare_exchange_weak(word, updated, std::memory_order_relaxed))
+        return static_cast<int64_t>(from_front ? front : back - 1);
+    }
+  }
+  std::vector<Range> ranges_;
+};
+
+struct GemvTask {
+  const uint16_t* w;
+  float* y;
+  int64_t out;
+  int64_t first_chunk;
+  int64_t rows_per_chunk;
+};
+
+// All tasks' rows against M rows of x in one parallel region: the chunks are numbered across the
+// tasks in order, so each thread's share is one run through consecutive weights.
 template <int M>
-VOKEN_AVX512 void gemv(const float* x, const uint16_t* w, float* y, int64_t in, int64_t out) {
-  // R * M accumulators stay in registers (32 zmm): 8 independent FMA chains for one row of x.
-  constexpr int R = M >= 8 ? 1 : 8 / M;
-  // Work is handed out in chunks of ~64 KB of weights from a shared counter rather than split
-  // statically: on a shared machine a descheduled thread then leaves its share to the running
-  // one instead of the whole step waiting for it (each chunk is still read sequentially).
-  const int64_t rows_per_chunk = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in) / R) * R;
-  const int64_t chunks = (out + rows_per_chunk - 1) / rows_per_chunk;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
-      gemv_rows<M, R>(x, w, y, in, out, c * rows_per_chunk, std::min(out, (c + 1) * rows_per_chunk));
-  });
+VOKEN_AVX512 void gemv_many(const float* x, const std::vector<GemvTask>& tasks, int64_t in, int64_t chunks) {
+  constexpr int R = M >= 8 ? 1 : 8 / M;  // R * M accumulators: 8 independent FMA chains
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  ChunkRanges ranges(chunks, threads);
+  auto work = [&](int64_t t) {
+    size_t task = 0;
+    for (int64_t c = ranges.next(t); c >= 0; c = ranges.next(t)) {
+      task = 0;
+      while (task + 1 < tasks.size() && c >= tasks[task + 1].first_chunk) ++task;
+      const GemvTask& g = tasks[task];
+      const int64_t begin = (c - g.first_chunk) * g.rows_per_chunk;
+      gemv_rows<M, R>(x, g.w, g.y, in, g.out, begin, std::min(g.out, begin + g.rows_per_chunk));
+    }
+  };
+  if (threads <= 1)
+    work(0);
+  else
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) work(t);
+    });
 }
 
 bool cpu_has_avx512() {
@@ -97,54 +165,114 @@ bool has_streaming_bf16_kernel() {
   return supported;
 }
 
-at::Tensor streaming_bf16_linear(const at::Tensor& x, const at::Tensor& weight) {
+namespace {
+
+void check_streaming_arguments(const at::Tensor& x, const std::vector<at::Tensor>& weights) {
   if (!has_streaming_bf16_kernel())
     throw ArgumentError("streaming_bf16_linear: this CPU lacks AVX-512 F/BW/VL");
   if (x.dim() != 2 || x.scalar_type() != at::kFloat || !x.is_contiguous() || !x.device().is_cpu())
     throw ArgumentError("streaming_bf16_linear: x must be a contiguous 2-D float32 CPU tensor");
-  if (weight.dim() != 2 || weight.scalar_type() != at::kBFloat16 || !weight.is_contiguous() ||
-      !weight.device().is_cpu())
-    throw ArgumentError("streaming_bf16_linear: weight must be a contiguous 2-D bfloat16 CPU tensor");
-  if (x.size(1) != weight.size(1))
-    throw ArgumentError("streaming_bf16_linear: x has " + std::to_string(x.size(1)) +
-                        " columns, weight expects " + std::to_string(weight.size(1)));
+  for (const auto& weight : weights) {
+    if (weight.dim() != 2 || weight.scalar_type() != at::kBFloat16 || !weight.is_contiguous() ||
+        !weight.device().is_cpu())
+      throw ArgumentError("streaming_bf16_linear: weight must be a contiguous 2-D bfloat16 CPU tensor");
+    if (x.size(1) != weight.size(1))
+      throw ArgumentError("streaming_bf16_linear: x has " + std::to_string(x.size(1)) +
+                          " columns, weight expects " + std::to_string(weight.size(1)));
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> streaming_bf16_linear_many(const at::Tensor& x,
+                                                   const std::vector<at::Tensor>& weights) {
+  check_streaming_arguments(x, weights);
   const int64_t rows = x.size(0);
   const int64_t in = x.size(1);
-  const int64_t out = weight.size(0);
-  at::Tensor y = at::empty({rows, out}, x.options());
-  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  std::vector<at::Tensor> ys;
+  for (const auto& weight : weights) ys.push_back(at::empty({rows, weight.size(0)}, x.options()));
+  if (rows == 0 || in == 0) {
+    for (auto& y : ys) y.zero_();
+    return ys;
+  }
   for (int64_t m0 = 0; m0 < rows; m0 += kStreamingKernelMaxRows) {
     const int64_t chunk = std::min(kStreamingKernelMaxRows, rows - m0);
     const float* xp = x.data_ptr<float>() + m0 * in;
-    float* yp = y.data_ptr<float>() + m0 * out;
+    // Chunks of ~64 KB of weights (whole rows, a multiple of 8 of them), numbered across all the
+    // weights in order.
+    const int64_t rows_per_chunk = std::max<int64_t>(8, 65536 / (2 * in) / 8 * 8);
+    std::vector<GemvTask> tasks;
+    int64_t chunks = 0;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      const int64_t out = weights[i].size(0);
+      if (out == 0) continue;
+      tasks.push_back({reinterpret_cast<const uint16_t*>(weights[i].data_ptr<at::BFloat16>()),
+                       ys[i].data_ptr<float>() + m0 * out, out, chunks, rows_per_chunk});
+      chunks += (out + rows_per_chunk - 1) / rows_per_chunk;
+    }
+    if (chunks == 0) continue;
     switch (chunk) {
       case 1:
-        gemv<1>(xp, w, yp, in, out);
+        gemv_many<1>(xp, tasks, in, chunks);
         break;
       case 2:
-        gemv<2>(xp, w, yp, in, out);
+        gemv_many<2>(xp, tasks, in, chunks);
         break;
       case 3:
-        gemv<3>(xp, w, yp, in, out);
+        gemv_many<3>(xp, tasks, in, chunks);
         break;
       case 4:
-        gemv<4>(xp, w, yp, in, out);
+        gemv_many<4>(xp, tasks, in, chunks);
         break;
       case 5:
-        gemv<5>(xp, w, yp, in, out);
+        gemv_many<5>(xp, tasks, in, chunks);
         break;
       case 6:
-        gemv<6>(xp, w, yp, in, out);
+        gemv_many<6>(xp, tasks, in, chunks);
         break;
       case 7:
-        gemv<7>(xp, w, yp, in, out);
+        gemv_many<7>(xp, tasks, in, chunks);
         break;
       default:
-        gemv<8>(xp, w, yp, in, out);
+        gemv_many<8>(xp, tasks, in, chunks);
         break;
     }
   }
-  return y;
+  return ys;
+}
+
+at::Tensor streaming_bf16_linear(const at::Tensor& x, const at::Tensor& weight) {
+  return streaming_bf16_linear_many(x, {weight}).front();
+}
+
+std::vector<at::Tensor> dense_many(const at::Tensor& x, const std::vector<at::Tensor>& weights) {
+  bool all_bf16 = !weights.empty();
+  for (const auto& w : weights) all_bf16 = all_bf16 && w.scalar_type() == at::kBFloat16 && w.dim() == 2;
+  std::vector<at::Tensor> ys;
+  if (!all_bf16 || !x.device().is_cpu()) {
+    for (const auto& w : weights) ys.push_back(dense(x, w));
+    return ys;
+  }
+  const int64_t in = weights.front().size(1);
+  const at::Tensor rows = x.reshape({-1, in});
+  auto out_shape = x.sizes().vec();
+  bool contiguous = true;
+  for (const auto& w : weights) contiguous = contiguous && w.is_contiguous() && w.size(1) == in;
+  if (rows.size(0) <= kStreamingKernelMaxRows && contiguous && has_streaming_bf16_kernel()) {
+    ys = streaming_bf16_linear_many(rows.to(at::kFloat).contiguous(), weights);
+  } else if (rows.size(0) > kStreamingKernelMaxRows && core::has_amx_bf16()) {
+    std::vector<core::AmxLinearJob> jobs;
+    for (const auto& w : weights) jobs.push_back({w, {}, core::Activation::None});
+    ys = core::amx_linear_many(rows, jobs, at::kFloat);
+  } else {
+    for (const auto& w : weights) ys.push_back(dense(x, w));
+    return ys;
+  }
+  for (size_t i = 0; i < ys.size(); ++i) {
+    out_shape.back() = weights[i].size(0);
+    ys[i] = ys[i].view(out_shape);
+  }
+  return ys;
 }
 
 at::Tensor dense(const at::Tensor& x, const at::Tensor& weight) {
@@ -153,9 +281,12 @@ at::Tensor dense(const at::Tensor& x, const at::Tensor& weight) {
   const at::Tensor rows = x.reshape({-1, in});
   auto out_shape = x.sizes().vec();
   out_shape.back() = weight.size(0);
-  if (rows.size(0) <= kStreamingKernelMaxRows && weight.is_contiguous() && has_streaming_bf16_kernel() &&
-      x.device().is_cpu())
+  if (!x.device().is_cpu()) return at::linear(rows.to(at::kBFloat16), weight).to(at::kFloat).view(out_shape);
+  if (rows.size(0) <= kStreamingKernelMaxRows && weight.is_contiguous() && has_streaming_bf16_kernel())
     return streaming_bf16_linear(rows.to(at::kFloat).contiguous(), weight).view(out_shape);
+  if (rows.size(0) > kStreamingKernelMaxRows && weight.dim() == 2 && weight.stride(1) == 1 &&
+      core::has_amx_bf16())
+    return core::amx_linear(rows, weight, {}, at::kFloat).view(out_shape);
   return at::linear(rows.to(at::kBFloat16), weight).to(at::kFloat).view(out_shape);
 }
 

@@ -6,16 +6,19 @@
 //    Decoding is bound by reading the weights, and oneDNN's bf16 matmul (AMX brgemm) reaches only
 //    a fraction of the memory bandwidth for a single row (measured: 4-5 GB/s against ~2-4x that
 //    for this kernel on the same machine).
-//  - bfloat16 weights, many rows (prefill): x is rounded to bf16 and at::linear runs oneDNN's
-//    bf16 matmul (AMX/AVX512-BF16 where available), which is compute bound and far faster than
-//    anything float32; the bf16 result is widened back to float32.
+//  - bfloat16 weights, many rows (prefill), on an AMX CPU: core::amx_linear, which reads the
+//    weights in place (mmapped checkpoints are not copied), rounds x to bf16 and returns the
+//    float32 sums (no bf16 rounding of the result). Without AMX: at::linear on bf16-rounded x
+//    (oneDNN), its bf16 result widened back to float32.
 //
 // Activations stay float32 in every case (as llama.cpp does); only weights are bf16.
+// dense_many computes several products of the same x (q/k/v, gate/up) in one parallel pass.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace voken::llm {
 
@@ -26,6 +29,10 @@ constexpr int64_t kStreamingKernelMaxRows = 8;
 // float32.
 at::Tensor dense(const at::Tensor& x, const at::Tensor& weight);
 
+// ys[i] = dense(x, weights[i]) for weights that share the input (q/k/v, gate/up): bf16 weights
+// are computed in one parallel pass (x converted/packed once, one thread synchronisation).
+std::vector<at::Tensor> dense_many(const at::Tensor& x, const std::vector<at::Tensor>& weights);
+
 // Whether this CPU runs the streaming bf16 kernel (AVX-512 F/BW/VL); otherwise bf16 weights
 // always go through at::linear.
 bool has_streaming_bf16_kernel();
@@ -34,5 +41,7 @@ bool has_streaming_bf16_kernel();
 // weight [out, in] bf16 contiguous -> [rows, out] float32. Throws ArgumentError when the CPU
 // lacks the instructions or the arguments do not fit.
 at::Tensor streaming_bf16_linear(const at::Tensor& x, const at::Tensor& weight);
+std::vector<at::Tensor> streaming_bf16_linear_many(const at::Tensor& x,
+                                                   const std::vector<at::Tensor>& weights);
 
 }  // namespace voken::llm

@@ -518,15 +518,29 @@ at::Tensor Llama::run_layers(at::Tensor x, KvCache& cache) const {
   at::Tensor masked;
   if (steps > 1) masked = at::ones({steps, total}, at::kBool).triu(start + 1);
 
+  // Projections of the same input (q/k/v, gate/up) in one pass over their weights (one parallel
+  // region, x converted once); unmerged LoRA updates are added to each result as in apply().
+  auto project = [](std::initializer_list<const Projection*> projections, const at::Tensor& input) {
+    std::vector<at::Tensor> weights;
+    for (const Projection* p : projections) weights.push_back(p->weight);
+    std::vector<at::Tensor> ys = dense_many(input, weights);
+    size_t i = 0;
+    for (const Projection* p : projections) {
+      if (p->lora) ys[i] = ys[i] + at::linear(at::linear(input, p->lora->a), p->lora->b) * p->lora->scaling;
+      ++i;
+    }
+    return ys;
+  };
+
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& layer = layers_[l];
     const int64_t li = static_cast<int64_t>(l);
     const at::Tensor h = rms_norm(x, layer.input_norm, eps);
-    const at::Tensor q =
-        apply_rotary(layer.q.apply(h).view({batch, steps, heads, head_dim}).transpose(1, 2), cos, sin);
+    const auto qkv = project({&layer.q, &layer.k, &layer.v}, h);
+    const at::Tensor q = apply_rotary(qkv[0].view({batch, steps, heads, head_dim}).transpose(1, 2), cos, sin);
     const at::Tensor k =
-        apply_rotary(layer.k.apply(h).view({batch, steps, kv_heads, head_dim}).transpose(1, 2), cos, sin);
-    const at::Tensor v = layer.v.apply(h).view({batch, steps, kv_heads, head_dim}).transpose(1, 2);
+        apply_rotary(qkv[1].view({batch, steps, kv_heads, head_dim}).transpose(1, 2), cos, sin);
+    const at::Tensor v = qkv[2].view({batch, steps, kv_heads, head_dim}).transpose(1, 2);
     cache.keys(li).narrow(2, start, steps).copy_(k);
     cache.values(li).narrow(2, start, steps).copy_(v);
     const at::Tensor keys = cache.keys(li).narrow(2, 0, total);
@@ -547,7 +561,8 @@ at::Tensor Llama::run_layers(at::Tensor x, KvCache& cache) const {
     x = x + layer.o.apply(attended);
 
     const at::Tensor h2 = rms_norm(x, layer.post_attention_norm, eps);
-    x = x + layer.down.apply(at::silu(layer.gate.apply(h2)) * layer.up.apply(h2));
+    const auto gate_up = project({&layer.gate, &layer.up}, h2);
+    x = x + layer.down.apply(at::silu(gate_up[0]) * gate_up[1]);
   }
   cache.advance(steps);
   return x;
