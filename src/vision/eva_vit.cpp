@@ -8,6 +8,7 @@
 #include <set>
 #include <string>
 
+#include "core/amx_gemm.h"
 #include "io/tensor_bytes.h"
 #include "voken/error.h"
 
@@ -218,10 +219,26 @@ EvaVit::EvaVit(const EvaVitConfig& config, io::WeightLoader& weights) {
 
 at::Tensor EvaVit::block_forward(const Block& block, const at::Tensor& x) const {
   const int64_t batch = x.size(0), tokens = x.size(1);
-  auto h = layer_norm_float32(x, block.norm1_weight, block.norm1_bias, eps_);
+  // bf16 weights on an AMX CPU: the products run in core::amx_linear (weights read in place, no
+  // per-call repacking as in at::linear/oneDNN), the LayerNorm output goes in as float32 and is
+  // rounded to bf16 while being packed (as .to(bf16) would round it), and fc1's GELU is applied
+  // to the float32 sums before the single rounding.
+  const bool amx = x.scalar_type() == at::kBFloat16 && block.qkv_weight.scalar_type() == at::kBFloat16 &&
+                   core::has_amx_bf16();
+  auto norm = [&](const at::Tensor& in, const at::Tensor& weight, const at::Tensor& bias) {
+    return amx ? at::layer_norm(in.to(at::kFloat), {in.size(-1)}, weight, bias, eps_)
+               : layer_norm_float32(in, weight, bias, eps_);
+  };
+  auto linear = [&](const at::Tensor& in, const at::Tensor& weight, const at::Tensor& bias,
+                    core::Activation activation = core::Activation::None) {
+    if (amx) return core::amx_linear(in, weight, bias, at::kBFloat16, activation);
+    const auto y = at::linear(in, weight, bias);
+    return activation == core::Activation::GeluErf ? at::gelu(y) : y;  // exact erf GELU (nn.GELU)
+  };
+  auto h = norm(x, block.norm1_weight, block.norm1_bias);
   // [B, T, 3, heads, head_dim] -> [3, B, heads, T, head_dim], copied once so that the batched
   // products below read contiguous heads (cheaper than letting each matmul copy its operand).
-  const auto qkv = at::linear(h, block.qkv_weight, block.qkv_bias)
+  const auto qkv = linear(h, block.qkv_weight, block.qkv_bias)
                        .view({batch, tokens, 3, num_heads_, head_dim_})
                        .permute({2, 0, 3, 1, 4})
                        .contiguous();
@@ -232,10 +249,10 @@ at::Tensor EvaVit::block_forward(const Block& block, const at::Tensor& x) const 
   const auto probs = at::softmax(at::matmul(q, qkv[1].transpose(-2, -1)), -1);
   const auto context =
       at::matmul(probs, qkv[2]).transpose(1, 2).reshape({batch, tokens, num_heads_ * head_dim_});
-  auto out = x + at::linear(context, block.proj_weight, block.proj_bias);
-  h = layer_norm_float32(out, block.norm2_weight, block.norm2_bias, eps_);
-  h = at::gelu(at::linear(h, block.fc1_weight, block.fc1_bias));  // exact erf GELU (nn.GELU)
-  out.add_(at::linear(h, block.fc2_weight, block.fc2_bias));
+  auto out = x + linear(context, block.proj_weight, block.proj_bias);
+  h = norm(out, block.norm2_weight, block.norm2_bias);
+  h = linear(h, block.fc1_weight, block.fc1_bias, core::Activation::GeluErf);
+  out.add_(linear(h, block.fc2_weight, block.fc2_bias));
   return out;
 }
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <regex>
 
+#include "core/amx_gemm.h"
 #include "io/tensor_bytes.h"
 #include "vision/eva_vit.h"
 #include "voken/error.h"
@@ -218,22 +219,30 @@ at::Tensor QFormer::forward(const at::Tensor& image_embeds) const {
     throw ArgumentError("Q-Former: image_embeds must be floating-point");
   const int64_t batch = image_embeds.size(0);
   const auto encoder = image_embeds.to(query_tokens_.device(), query_tokens_.scalar_type());
+  // bf16 weights on an AMX CPU: products in core::amx_linear (no per-call weight repacking as in
+  // at::linear/oneDNN); the result is rounded to bf16 once, as at::linear's is.
+  const bool amx =
+      query_tokens_.scalar_type() == at::kBFloat16 && query_tokens_.device().is_cpu() && core::has_amx_bf16();
+  auto linear = [&](const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+    return amx && weight.scalar_type() == at::kBFloat16 ? core::amx_linear(x, weight, bias, at::kBFloat16)
+                                                        : at::linear(x, weight, bias);
+  };
   auto h = layer_norm(query_tokens_.expand({batch, num_queries_, hidden_}), embed_norm_weight_,
                       embed_norm_bias_, eps_);
   for (const auto& layer : layers_) {
-    const auto qkv = at::linear(h, layer.self_qkv_weight, layer.self_qkv_bias).split(hidden_, -1);
+    const auto qkv = linear(h, layer.self_qkv_weight, layer.self_qkv_bias).split(hidden_, -1);
     auto context = attention(qkv[0], qkv[1], qkv[2]);
-    h = layer_norm(at::linear(context, layer.self_out_weight, layer.self_out_bias) + h,
-                   layer.self_norm_weight, layer.self_norm_bias, eps_);
+    h = layer_norm(linear(context, layer.self_out_weight, layer.self_out_bias) + h, layer.self_norm_weight,
+                   layer.self_norm_bias, eps_);
     if (layer.has_cross_attention) {
-      const auto q = at::linear(h, layer.cross_q_weight, layer.cross_q_bias);
-      const auto kv = at::linear(encoder, layer.cross_kv_weight, layer.cross_kv_bias).split(hidden_, -1);
+      const auto q = linear(h, layer.cross_q_weight, layer.cross_q_bias);
+      const auto kv = linear(encoder, layer.cross_kv_weight, layer.cross_kv_bias).split(hidden_, -1);
       context = attention(q, kv[0], kv[1]);
-      h = layer_norm(at::linear(context, layer.cross_out_weight, layer.cross_out_bias) + h,
+      h = layer_norm(linear(context, layer.cross_out_weight, layer.cross_out_bias) + h,
                      layer.cross_norm_weight, layer.cross_norm_bias, eps_);
     }
-    const auto inner = activation(at::linear(h, layer.ffn_in_weight, layer.ffn_in_bias));
-    h = layer_norm(at::linear(inner, layer.ffn_out_weight, layer.ffn_out_bias) + h, layer.ffn_norm_weight,
+    const auto inner = activation(linear(h, layer.ffn_in_weight, layer.ffn_in_bias));
+    h = layer_norm(linear(inner, layer.ffn_out_weight, layer.ffn_out_bias) + h, layer.ffn_norm_weight,
                    layer.ffn_norm_bias, eps_);
   }
   return h;
