@@ -181,6 +181,7 @@ struct TokenIds {
   int64_t base_vocab = 0;                     // sentencepiece pieces
   int64_t img0 = 0;                           // [IMG0]; [IMGk] = img0 + k; <ImageHere> = img0 + 8
   int64_t stop_space = -1, stop_hashes = -1;  // "▁###", "##"
+  std::vector<int64_t> quiet;                 // <unk>, <s> and the byte pieces
 };
 
 TokenIds write_tokenizer(const Writer& writer, const RandomBundleShape& shape) {
@@ -196,6 +197,10 @@ TokenIds write_tokenizer(const Writer& writer, const RandomBundleShape& shape) {
   for (size_t i = 0; i < pieces.size(); ++i) {
     if (pieces[i].text == "\xE2\x96\x81###") ids.stop_space = static_cast<int64_t>(i);
     if (pieces[i].text == "##") ids.stop_hashes = static_cast<int64_t>(i);
+    const text::PieceType type = pieces[i].type;
+    if (type == text::PieceType::kByte || type == text::PieceType::kUnknown ||
+        (type == text::PieceType::kControl && pieces[i].text != "</s>"))
+      ids.quiet.push_back(static_cast<int64_t>(i));
   }
 
   // What transformers 4.31's save_pretrained writes after MiniGPT-5's add_special_tokens.
@@ -255,6 +260,8 @@ at::Tensor lm_head_rows(const Random& random, const RandomBundleShape& shape, co
   };
   bias(ids.img0, shape.llm.img0_logit_bias);
   for (int64_t k = 1; k < kAddedTokens; ++k) bias(ids.img0 + k, -shape.llm.img0_logit_bias);
+  // Like a trained LLaMA, which rarely writes byte pieces (random ones would decode to U+FFFD).
+  for (const int64_t id : ids.quiet) bias(id, -shape.llm.img0_logit_bias);
   bias(ids.stop_space, shape.llm.stop_logit_bias);
   bias(ids.stop_hashes, shape.llm.stop_logit_bias);
   return head;
@@ -634,6 +641,10 @@ Json unet_config(const RandomBundleShape& shape) {
   std::vector<std::string> down(blocks, "CrossAttnDownBlock2D"), up(blocks, "CrossAttnUpBlock2D");
   down.back() = "DownBlock2D";
   up.front() = "UpBlock2D";
+  if (!u.full_resolution_attention) {
+    down.front() = "DownBlock2D";
+    up.back() = "UpBlock2D";
+  }
   return Json{{"_class_name", "UNet2DConditionModel"},
               {"_diffusers_version", "0.31.0"},
               {"act_fn", "silu"},
@@ -849,6 +860,7 @@ RandomBundleShape RandomBundleShape::minigpt5() {
   s.unet.attention_head_dim = {5, 10, 20, 20};
   s.unet.cross_attention_dim = 1024;
   s.unet.use_linear_projection = true;
+  s.unet.full_resolution_attention = true;
   s.unet.sample_size = 64;
   s.unet.norm_num_groups = 32;
   s.vae.block_out_channels = {128, 256, 512, 512};

@@ -40,11 +40,12 @@
 //  - [IMG0]'s bias is `img0_logit_bias` (3.2, about 3 standard deviations of the other logits,
 //    so it survives top_k 50): with upstream's sampling (top_p 0.9, top_k 50, repetition_penalty
 //    2 over the generated ids, the forced vokens included) and the tiny shape, an [IMG0] comes
-//    within 60 tokens for 9 of 12 seeds and a second one (its bias halved by the penalty) within
+//    within 60 tokens for all of 12 seeds and a second one (its bias halved by the penalty) within
 //    256 tokens for 7 of 12 (tests/pipeline/test_random_bundle.cpp measures this);
-//    [IMG1]..[IMG7] and <ImageHere> get -`img0_logit_bias` (rarely sampled on their own);
-//  - the stop marker: "▁###" and "##" get `stop_logit_bias` (1.4; half the responses of that
-//    test end on "###" within 256 tokens, at 1.0 none, at 1.8 all of them). In this vocabulary,
+//    [IMG1]..[IMG7] and <ImageHere> get -`img0_logit_bias` (rarely sampled on their own), and
+//    so do <unk>, <s> and the 256 byte pieces (random bytes would decode to U+FFFD);
+//  - the stop marker: "▁###" and "##" get `stop_logit_bias` (1.4; 7 of the 12 responses of that
+//    test end on "###" within 256 tokens; 1.0 gave none, 1.8 all of them). In this vocabulary,
 //    as in LLaMA's, "###" after a space is the single piece "▁###" and otherwise "##" "#": the
 //    pipeline should derive its stop sequences from the tokenizer ([id("▁###")] and
 //    [id("##"), id("#")], which are upstream's hard-coded [835] and [2277, 29937] for the real
@@ -109,6 +110,9 @@ struct RandomBundleShape {
     bool use_linear_projection = true;
     int64_t sample_size = 8;
     int64_t norm_num_groups = 8;
+    // false: the first (full-resolution) level has no attention (DownBlock2D / UpBlock2D), which
+    // makes the tiny UNet ~10x cheaper at 512x512 (attention over 64x64 latents dominates it).
+    bool full_resolution_attention = false;
   } unet;
   struct Vae {
     std::vector<int64_t> block_out_channels = {16, 32, 32, 32};
