@@ -1,3 +1,4 @@
+#include <c10/util/Exception.h>
 #include <pybind11/pybind11.h>
 
 #include "bindings.h"
@@ -46,6 +47,9 @@ void bind_errors(py::module_& m) {
       PyErr_SetString(cancelled.ptr(), e.what());
     } catch (const voken::Error& e) {
       PyErr_SetString(error.ptr(), e.what());
+    } catch (const c10::Error& e) {
+      // A libtorch check voken did not anticipate: its message without the C++ backtrace.
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
     }
   });
 }

@@ -13,12 +13,8 @@
 #include "vision/image.h"
 #include "voken/pipeline.h"
 
-#ifdef VOKEN_PYTHON_HAS_RANDOM_BUNDLE
-#include "pipeline/random_bundle.h"
-#endif
-#ifdef VOKEN_PYTHON_HAS_PIPELINE
 #include "pipeline/pipeline_impl.h"
-#endif
+#include "pipeline/random_bundle.h"
 
 namespace py = pybind11;
 
@@ -192,7 +188,6 @@ void bind_options(py::module_& m) {
 void bind_pipeline(py::module_& m) {
   bind_options(m);
 
-#ifdef VOKEN_PYTHON_HAS_PIPELINE
   // The components are shared with the pipeline (aliasing pointers keep it alive), not copied.
   const auto component = [](const std::shared_ptr<Pipeline>& pipe, const auto& part) {
     using Part = std::remove_cv_t<std::remove_reference_t<decltype(part)>>;
@@ -255,12 +250,10 @@ void bind_pipeline(py::module_& m) {
       .def_property_readonly("name", [](const Pipeline& p) { return utf8(p.impl().manifest().name); })
       .def_property_readonly("manifest_path",
                              [](const Pipeline& p) { return utf8(p.impl().manifest().manifest_path); });
-#endif
 
-#ifdef VOKEN_PYTHON_HAS_RANDOM_BUNDLE
   m.def(
       "_write_random_bundle",
-      [](const Path& directory, const std::string& shape, uint64_t seed) {
+      [](const Path& directory, const std::string& shape, uint64_t seed, const py::object& progress) {
         pipeline::RandomBundleShape dims;
         if (shape == "tiny")
           dims = pipeline::RandomBundleShape::tiny();
@@ -268,11 +261,21 @@ void bind_pipeline(py::module_& m) {
           dims = pipeline::RandomBundleShape::minigpt5();
         else
           throw ArgumentError("shape: expected \"tiny\" or \"minigpt5\", got \"" + shape + "\"");
-        py::gil_scoped_release release;
-        return pipeline::write_random_bundle(directory.string(), dims, seed);
+        // progress(file, bytes) after each file; an exception raised there stops the writing.
+        CallbackBridge bridge;
+        const py::object* function = &progress;
+        const pipeline::RandomBundleProgress on_file = [&bridge, function](const std::string& file,
+                                                                           int64_t bytes) {
+          const bool go_on = bridge.run([&] {
+            if (!function->is_none()) (*function)(utf8(file), bytes);
+            return true;
+          });
+          if (!go_on) throw Cancelled("write_random_bundle: stopped by the progress callback");
+        };
+        return run_without_gil(
+            bridge, [&] { return pipeline::write_random_bundle(directory.string(), dims, seed, on_file); });
       },
-      py::arg("directory"), py::arg("shape") = "tiny", py::arg("seed") = 0);
-#endif
+      py::arg("directory"), py::arg("shape") = "tiny", py::arg("seed") = 0, py::arg("progress") = py::none());
 }
 
 }  // namespace voken::python

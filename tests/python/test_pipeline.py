@@ -350,8 +350,6 @@ def test_components_loaded_by_hand_match_the_pipeline(pipe, tiny_bundle):
 
 
 def test_missing_manifest(tmp_path):
-    if not hasattr(voken._voken, "_Pipeline"):
-        pytest.skip("this build of voken has no Pipeline")
     with pytest.raises(FileNotFoundError):
         voken.Pipeline.load(tmp_path / "no_bundle.json")
 
@@ -364,6 +362,27 @@ def test_manifest_with_unknown_key(tiny_bundle):
     edited.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="difusion"):
         voken.Pipeline.load(edited)
+
+
+def test_random_bundle_writer(tmp_path, tiny_bundle):
+    files = []
+    manifest = voken.write_random_bundle(tmp_path / "again", seed=0, progress=lambda f, n: files.append((f, n)))
+    assert os.path.basename(manifest) == "bundle.json" and json.loads(pathlib.Path(manifest).read_text())["random_weights"]
+    assert "bundle.json" in [f for f, _ in files] and all(n > 0 for _, n in files)
+    # Same seed, same bytes.
+    for name, _ in files:
+        assert (tmp_path / "again" / name).read_bytes() == (pathlib.Path(tiny_bundle).parent / name).read_bytes(), name
+    with pytest.raises(ValueError, match="shape"):
+        voken.write_random_bundle(tmp_path / "bad", shape="huge")
+
+    class Stop(Exception):
+        pass
+
+    def stop(file, size):
+        raise Stop(file)
+
+    with pytest.raises(Stop):
+        voken.write_random_bundle(tmp_path / "stopped", progress=stop)
 
 
 def test_empty_segments(pipe):
@@ -411,8 +430,6 @@ def test_text_only_pipeline(tiny_bundle):
 def test_pipeline_without_torch(tmp_path):
     # A fresh interpreter where `import torch` fails: voken must neither need nor import it.
     # PIL is blocked too: images then come back as numpy arrays.
-    if not hasattr(voken._voken, "_Pipeline") or not hasattr(voken._voken, "_write_random_bundle"):
-        pytest.skip("this build of voken has no Pipeline or random-bundle writer")
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(voken.__file__)))
     code = f"""
 import sys
