@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "diffusion/attention_kernels.h"
+#include "diffusion/parallel.h"
 #include "voken/error.h"
 
 // GCC 12 reports its own AVX-512 intrinsics (_mm512_castsi512_si256, ...) as possibly reading an
@@ -78,7 +79,7 @@ std::shared_ptr<const PackedGemmWeight> pack_gemm_weight(const at::Tensor& weigh
   packed->data = at::empty({n * k}, matrix.options());
   const auto* src = reinterpret_cast<const uint32_t*>(matrix.data_ptr<at::BFloat16>());
   auto* dst = reinterpret_cast<uint32_t*>(packed->data.data_ptr<at::BFloat16>());
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+  parallel_range(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t block = row / kBlockColumns, half = (row % kBlockColumns) / 16, column = row % 16;
       const uint32_t* pairs = src + row * (k / 2);
@@ -262,9 +263,18 @@ VOKEN_AMX_GEMM void run_tasks(const Gemm& g, const Plan& plan, int64_t begin, in
   const bool chunked = plan.chunk_steps < g.k_steps;
   const int64_t pairs = (plan.max_tiles + 1) / 2;
   const std::size_t floats = chunked ? pairs * plan.max_blocks * 32 * kBlockColumns : 32 * kBlockColumns;
-  const std::unique_ptr<float, decltype(&std::free)> acc(
-      static_cast<float*>(std::aligned_alloc(64, floats * sizeof(float))), &std::free);
-  if (!acc) throw std::bad_alloc();
+  // Kept per thread between calls: a task's accumulators reach 512 KiB, which malloc would map
+  // and unmap (page faults) on every task.
+  thread_local std::unique_ptr<float, decltype(&std::free)> acc(nullptr, &std::free);
+  thread_local std::size_t acc_floats = 0;
+  if (acc_floats < floats) {
+    acc.reset(static_cast<float*>(std::aligned_alloc(64, floats * sizeof(float))));
+    if (!acc) {
+      acc_floats = 0;
+      throw std::bad_alloc();
+    }
+    acc_floats = floats;
+  }
   for (int64_t index = begin; index < end; ++index) {
     const auto& task = plan.tasks[index];
     const int64_t blocks = task.block_end - task.block_begin;
@@ -303,8 +313,8 @@ void run(Gemm& g, const PackedGemmWeight& weight, at::Tensor& out, const at::Ten
       residual.defined() ? reinterpret_cast<const bf16_bits*>(residual.data_ptr<at::BFloat16>()) : nullptr;
   if (g.a_tiles.empty()) return;
   const Plan plan = make_plan(g);
-  at::parallel_for(0, static_cast<int64_t>(plan.tasks.size()), 1,
-                   [&](int64_t begin, int64_t end) { run_tasks(g, plan, begin, end); });
+  parallel_items(static_cast<int64_t>(plan.tasks.size()),
+                 [&](int64_t task) { run_tasks(g, plan, task, task + 1); });
 }
 
 void check_input(const at::Tensor& x, const char* what) {
@@ -418,7 +428,7 @@ at::Tensor packed_conv2d(const at::Tensor& x, const PackedGemmWeight& weight, co
   at::Tensor padded = at::empty({(batch * image_pixels + slack) * channels}, x.options());
   auto* pp = reinterpret_cast<bf16_bits*>(padded.data_ptr<at::BFloat16>());
   const auto* xp = reinterpret_cast<const bf16_bits*>(input.data_ptr<at::BFloat16>());
-  at::parallel_for(0, batch * padded_h, 8, [&](int64_t begin, int64_t end) {
+  parallel_range(0, batch * padded_h, 8, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / padded_h, y = row % padded_h - pad;
       bf16_bits* dst = pp + row * padded_w * channels;

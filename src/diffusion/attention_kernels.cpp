@@ -11,6 +11,7 @@
 #include <new>
 #include <vector>
 
+#include "diffusion/parallel.h"
 #include "diffusion/simd_avx512.h"
 #include "voken/error.h"
 
@@ -336,11 +337,11 @@ at::Tensor fused_attention_bf16(const at::Tensor& q, const at::Tensor& k, const 
   const int64_t groups = p.batch * p.heads;
   p.packed_k.assign(groups * p.dq * p.keys_padded, 0);
   p.packed_v.assign(groups * p.keys_padded * p.dv, 0);
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(0, groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) pack_head(p, bh);
   });
   const int64_t tasks = groups * ((p.queries + kRows - 1) / kRows);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { run_blocks(p, begin, end); });
+  parallel_range(0, tasks, 1, [&](int64_t begin, int64_t end) { run_blocks(p, begin, end); });
   return out;
 }
 

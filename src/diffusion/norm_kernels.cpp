@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "diffusion/parallel.h"
 #include "diffusion/simd_avx512.h"
 #include "voken/error.h"
 
@@ -275,7 +276,7 @@ void geglu_row_any(const T* value, const T* gate, T* out, int64_t n) {
 
 template <typename T>
 void geglu_rows(const T* projected, T* out, int64_t rows, int64_t inner) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / inner), [&](int64_t begin, int64_t end) {
+  parallel_range(0, rows, std::max<int64_t>(1, 16384 / inner), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       geglu_row_any(projected + r * 2 * inner, projected + r * 2 * inner + inner, out + r * inner, inner);
   });
@@ -316,7 +317,7 @@ void group_norm_nchw(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
   const int64_t span = per_group * spatial;
   std::vector<double> sum(batch * groups, 0.0), sum_sq(batch * groups, 0.0);
   std::vector<float> shift(batch * groups);
-  at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     constexpr int64_t kRun = 4096;  // float partial sums stay exact enough over this many values
     for (int64_t bg = begin; bg < end; ++bg) {
       const T* base = x + bg * span;
@@ -327,7 +328,7 @@ void group_norm_nchw(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
   });
   std::vector<float> scale, offset;
   group_factors(sum, sum_sq, shift, batch, channels, groups, span, weight, bias, eps, scale, offset);
-  at::parallel_for(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bc = begin; bc < end; ++bc)
       affine_plane_any(x + bc * spatial, y + bc * spatial, scale[bc], offset[bc], spatial, apply_silu);
   });
@@ -349,7 +350,7 @@ void group_norm_nhwc(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
       if (c % per_group == 0) group_shift[b * groups + c / per_group] = s;
     }
   std::vector<double> partial1(batch * chunks * channels), partial2(batch * chunks * channels);
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s1(channels), s2(channels);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, chunk = task % chunks;
@@ -376,7 +377,7 @@ void group_norm_nhwc(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
   std::vector<float> scale, offset;
   group_factors(sum, sum_sq, group_shift, batch, channels, groups, per_group * spatial, weight, bias, eps,
                 scale, offset);
-  at::parallel_for(0, batch * spatial, 64, [&](int64_t begin, int64_t end) {
+  parallel_range(0, batch * spatial, 64, [&](int64_t begin, int64_t end) {
     for (int64_t bp = begin; bp < end; ++bp) {
       const int64_t b = bp / spatial;
       affine_row_any(x + bp * channels, y + bp * channels, scale.data() + b * channels,
@@ -388,7 +389,7 @@ void group_norm_nhwc(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
 template <typename T>
 void layer_norm_rows(const T* x, T* y, int64_t rows, int64_t dim, const std::vector<float>& weight,
                      const std::vector<float>& bias, double eps) {
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  parallel_range(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> scale(dim), offset(dim);
     for (int64_t r = begin; r < end; ++r) {
       const T* row = x + r * dim;
@@ -413,7 +414,7 @@ void layer_norm_rows(const T* x, T* y, int64_t rows, int64_t dim, const std::vec
 
 template <typename T>
 void softmax_rows(T* data, int64_t rows, int64_t n) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
+  parallel_range(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(n);
     for (int64_t r = begin; r < end; ++r) softmax_row_any(data + r * n, data + r * n, scratch.data(), n);
   });
@@ -470,7 +471,7 @@ at::Tensor few_rows_linear_bf16(const at::Tensor& x, const at::Tensor& weight, c
   at::Tensor y = at::empty({rows, out}, xc.options());
 #ifdef VOKEN_HAVE_AVX512_KERNELS
   const auto* w = reinterpret_cast<const bf16_bits*>(weight.data_ptr<at::BFloat16>());
-  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+  parallel_range(0, out, 16, [&](int64_t begin, int64_t end) {
     few_rows_gemv_avx512(xc.data_ptr<float>(), w, bc.defined() ? bc.data_ptr<float>() : nullptr,
                          y.data_ptr<float>(), rows, in, out, begin, end);
   });

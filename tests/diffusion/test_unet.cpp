@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cmath>
 #include <filesystem>
 #include <functional>
@@ -18,6 +19,7 @@
 #include "diffusion/attention_kernels.h"
 #include "diffusion/nn_blocks.h"
 #include "diffusion/norm_kernels.h"
+#include "diffusion/parallel.h"
 #include "diffusion/random_diffusers_model.h"
 #include "diffusion/unet.h"
 #include "diffusion/vae.h"
@@ -554,6 +556,27 @@ TEST(TinyVae, DeprecatedAttentionNamesAndConvShapesLoadTheSame) {
   expect_argument_error([&] { current.decode(at::zeros({1, 3, 6, 10})); }, "[B, 4, H, W]");
   expect_argument_error([&] { current.encode(at::zeros({3, 12, 20})); }, "[B, 3, H, W]");
   expect_argument_error([&] { posterior.sample(at::zeros({1, 4, 6, 9})); }, "noise");
+}
+
+// ---- parallel loops -------------------------------------------------------------------------
+
+TEST(Parallel, EveryItemRunsOnceAndErrorsReachTheCaller) {
+  for (const int64_t count : {0, 1, 2, 7, 1000}) {
+    std::vector<std::atomic<int>> runs(count);
+    parallel_items(count, [&](int64_t item) { runs[item].fetch_add(1); });
+    for (int64_t i = 0; i < count; ++i) EXPECT_EQ(runs[i].load(), 1) << "item " << i << " of " << count;
+  }
+  std::vector<std::atomic<int>> covered(103);
+  parallel_range(5, 103, 4, [&](int64_t begin, int64_t end) {
+    EXPECT_LT(begin, end);
+    for (int64_t i = begin; i < end; ++i) covered[i].fetch_add(1);
+  });
+  for (int64_t i = 0; i < 103; ++i) EXPECT_EQ(covered[i].load(), i >= 5 ? 1 : 0);
+  EXPECT_THROW(parallel_items(64,
+                              [](int64_t item) {
+                                if (item == 13) throw ArgumentError("item 13");
+                              }),
+               ArgumentError);
 }
 
 // ---- packed AMX products ----------------------------------------------------------------------
