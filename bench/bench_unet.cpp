@@ -288,6 +288,23 @@ void packed_kernels(int reps) {
   struct Lin {
     int64_t m, k, n;
   };
+  // GEGLU feed-forward input projection: fused epilogue against product + geglu kernel.
+  for (const Lin& l : {Lin{1632, 320, 2560}, Lin{8192, 320, 2560}, Lin{2048, 640, 5120}}) {
+    const at::Tensor x = at::randn({l.m, l.k}, generator, f32).to(at::kBFloat16);
+    const at::Tensor w =
+        (at::randn({l.n, l.k}, generator, f32) / std::sqrt(static_cast<double>(l.k))).to(at::kBFloat16);
+    const at::Tensor bias = at::randn({l.n}, generator, f32).to(at::kBFloat16);
+    const auto plain = pack_gemm_weight(w, bias);
+    const auto fused = pack_geglu_weight(w, bias);
+    const double flops = 2.0 * l.m * l.k * l.n;
+    double t_fused = 1e9, t_plain = 1e9;
+    for (int i = 0; i < reps; ++i) {
+      t_fused = std::min(t_fused, time_wall_cpu([&] { packed_linear(x, *fused); }, 1).second);
+      t_plain = std::min(t_plain, time_wall_cpu([&] { geglu(packed_linear(x, *plain)); }, 1).second);
+    }
+    std::printf("  GEGLU %5ldx%-5ld x %5ld:       fused  %7.2f ms %5.0f GFLOP/s, product + geglu %7.2f ms\n",
+                l.m, l.k, l.n, t_fused * 1e3, flops / t_fused / 1e9, t_plain * 1e3);
+  }
   for (const Lin& l :
        {Lin{8192, 320, 960}, Lin{8192, 320, 320}, Lin{1638, 320, 2560}, Lin{1638, 1280, 320},
         Lin{409, 1280, 10240}, Lin{409, 5120, 1280}, Lin{154, 1024, 1280}, Lin{512, 1280, 1280}}) {
@@ -662,9 +679,9 @@ int main(int argc, char** argv) {
   bool kernels_only = false;
   std::string keep_dir;  // --dir DIR: random models written there and reused by later runs
   int extra_steps = 0;   // --steps N: N more bf16 steps at the end (e.g. for perf record)  // --kernels: only
-                        // the packed-vs-oneDNN product table  // --ab: bf16 step with and without packed
-                        // weights, alternating  //
-                        // --profile N: one profiled step per model, ops nested up to N deep
+                         // the packed-vs-oneDNN product table  // --ab: bf16 step with and without packed
+                         // weights, alternating  //
+                         // --profile N: one profiled step per model, ops nested up to N deep
   ComputeOptions compute;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];

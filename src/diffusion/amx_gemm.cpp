@@ -13,6 +13,7 @@
 
 #include "diffusion/attention_kernels.h"
 #include "diffusion/parallel.h"
+#include "diffusion/simd_avx512.h"
 #include "voken/error.h"
 
 // GCC 12 reports its own AVX-512 intrinsics (_mm512_castsi512_si256, ...) as possibly reading an
@@ -93,6 +94,22 @@ std::shared_ptr<const PackedGemmWeight> pack_gemm_weight(const at::Tensor& weigh
   return packed;
 }
 
+std::shared_ptr<const PackedGemmWeight> pack_geglu_weight(const at::Tensor& weight, const at::Tensor& bias) {
+  if (!weight.defined() || weight.dim() != 2 || weight.size(0) % 32 != 0)
+    throw ArgumentError(
+        "pack_geglu_weight: expected a [2*inner, K] weight with inner a multiple of 16, got " +
+        (weight.defined() ? shape_of(weight) : std::string("an undefined tensor")));
+  // Rows reordered so that every 32-column block holds 16 value columns and their 16 gates.
+  const int64_t inner = weight.size(0) / 2, k = weight.size(1);
+  const auto interleave = [&](const at::Tensor& t, int64_t width) {
+    return t.reshape({2, inner / 16, 16, width}).transpose(0, 1).reshape({2 * inner, width});
+  };
+  auto packed = std::make_shared<PackedGemmWeight>(*pack_gemm_weight(
+      interleave(weight, k), bias.defined() ? interleave(bias.reshape({-1, 1}), 1).reshape({-1}) : bias));
+  packed->geglu = true;
+  return packed;
+}
+
 at::Tensor unpack_gemm_weight(const PackedGemmWeight& weight) {
   const int64_t n = weight.out_features, k = weight.depth();
   return weight.data.reshape({n / kBlockColumns, k / kStepDepth, 2, 16, 16, 2})
@@ -125,6 +142,7 @@ struct Gemm {
   std::vector<int64_t> out_rows;  // per row of every tile: element offset of its output row, or -1
   bf16_bits* out = nullptr;
   const bf16_bits* residual = nullptr;  // laid out as `out`
+  bool geglu = false;                   // blocks of 16 values and 16 gates -> 16 outputs
 };
 
 // How the work is cut: tasks of (tile range, block range), each running the K chunks in order.
@@ -235,6 +253,17 @@ VOKEN_AMX_GEMM void store_rows(const Gemm& g, int64_t tile, int64_t block, const
   const int64_t n0 = block * kBlockColumns;
   const __m512 bias0 = g.bias ? _mm512_loadu_ps(g.bias + n0) : _mm512_setzero_ps();
   const __m512 bias1 = g.bias ? _mm512_loadu_ps(g.bias + n0 + 16) : _mm512_setzero_ps();
+  if (g.geglu) {
+    for (int r = 0; r < 16; ++r) {
+      const int64_t row = g.out_rows[tile * 16 + r];
+      if (row < 0) continue;
+      const __m512 value = _mm512_add_ps(_mm512_loadu_ps(c + r * kBlockColumns), bias0);
+      const __m512 gate = _mm512_add_ps(_mm512_loadu_ps(c + r * kBlockColumns + 16), bias1);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.out + row + block * 16),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(value, simd::gelu16(gate))));
+    }
+    return;
+  }
   for (int r = 0; r < 16; ++r) {
     const int64_t row = g.out_rows[tile * 16 + r];
     if (row < 0) continue;
@@ -311,6 +340,7 @@ void run(Gemm& g, const PackedGemmWeight& weight, at::Tensor& out, const at::Ten
   g.out = reinterpret_cast<bf16_bits*>(out.data_ptr<at::BFloat16>());
   g.residual =
       residual.defined() ? reinterpret_cast<const bf16_bits*>(residual.data_ptr<at::BFloat16>()) : nullptr;
+  g.geglu = weight.geglu;
   if (g.a_tiles.empty()) return;
   const Plan plan = make_plan(g);
   parallel_items(static_cast<int64_t>(plan.tasks.size()),
@@ -339,7 +369,7 @@ namespace {
 // out = x W^T + bias (+ residual); out [M, N] contiguous, residual [M, N] contiguous (may be out).
 void linear_rows(const at::Tensor& x, const PackedGemmWeight& weight, const at::Tensor& residual,
                  at::Tensor& out) {
-  const int64_t k = weight.depth(), n = weight.out_features;
+  const int64_t k = weight.depth(), n = weight.output_width();
   at::Tensor rows = x.reshape({-1, k});
   const int64_t m = rows.size(0);
   if (rows.stride(1) != 1 || (m > 1 && rows.stride(0) < k)) rows = rows.contiguous();
@@ -373,7 +403,9 @@ void check_linear(const at::Tensor& x, const PackedGemmWeight& weight, const cha
 
 at::Tensor packed_linear(const at::Tensor& x, const PackedGemmWeight& weight, const at::Tensor& residual) {
   check_linear(x, weight, "packed_linear");
-  const int64_t n = weight.out_features, m = x.numel() / weight.depth();
+  if (weight.geglu && residual.defined())
+    throw ArgumentError("packed_linear: a GEGLU projection takes no residual");
+  const int64_t n = weight.output_width(), m = x.numel() / weight.depth();
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = n;
   at::Tensor out = at::empty({m, n}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -385,6 +417,7 @@ at::Tensor packed_linear(const at::Tensor& x, const PackedGemmWeight& weight, co
 
 void packed_linear_into(const at::Tensor& x, const PackedGemmWeight& weight, at::Tensor& accumulator) {
   check_linear(x, weight, "packed_linear_into");
+  if (weight.geglu) throw ArgumentError("packed_linear_into: not for a GEGLU projection");
   const int64_t n = weight.out_features, m = x.numel() / weight.depth();
   if (!accumulator.defined() || accumulator.scalar_type() != at::kBFloat16 || !accumulator.is_contiguous() ||
       accumulator.numel() != m * n || accumulator.size(-1) != n)
@@ -397,6 +430,7 @@ void packed_linear_into(const at::Tensor& x, const PackedGemmWeight& weight, at:
 
 at::Tensor packed_conv2d(const at::Tensor& x, const PackedGemmWeight& weight, const at::Tensor& residual) {
   check_input(x, "packed_conv2d");
+  if (weight.geglu) throw ArgumentError("packed_conv2d: a GEGLU projection is not a convolution");
   if (x.dim() != 4 || x.size(1) != weight.in_channels)
     throw ArgumentError("packed_conv2d: input " + shape_of(x) + " does not have " +
                         std::to_string(weight.in_channels) + " channels");

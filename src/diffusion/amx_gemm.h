@@ -31,8 +31,12 @@ struct PackedGemmWeight {
   int64_t out_features = 0;  // N
   int64_t in_channels = 0;   // K per kernel tap
   int64_t kernel = 1;        // 1: linear or 1x1 convolution; 3: 3x3 convolution (padding 1)
+  // GEGLU projection (pack_geglu_weight): the columns are value/gate pairs and the product's
+  // output is value * gelu(gate), out_features / 2 wide.
+  bool geglu = false;
 
   int64_t depth() const { return kernel * kernel * in_channels; }
+  int64_t output_width() const { return geglu ? out_features / 2 : out_features; }
 };
 
 // Whether a weight of this shape can be packed and run here: an AMX-BF16 CPU (attention_kernels.h
@@ -43,8 +47,16 @@ bool packed_gemm_supported(int64_t out_features, int64_t in_channels, int64_t ke
 // bfloat16); bias [N] or undefined. Throws ArgumentError when !packed_gemm_supported.
 std::shared_ptr<const PackedGemmWeight> pack_gemm_weight(const at::Tensor& weight, const at::Tensor& bias);
 
+// A GEGLU feed-forward's input projection W [2*inner, K] (the value rows, then the gate rows, as
+// diffusers' GEGLU.proj), bias [2*inner] or undefined: packed_linear then returns
+// value * gelu(gate) (exact erf GELU, from the float32 sums; no bfloat16 rounding of the
+// projection in between), [..., inner]. Needs packed_gemm_supported(2*inner, K, 1) and inner a
+// multiple of 16.
+std::shared_ptr<const PackedGemmWeight> pack_geglu_weight(const at::Tensor& weight, const at::Tensor& bias);
+
 // x W^T + bias (+ residual): x bfloat16 [..., K] (rows with any uniform stride), residual
-// bfloat16 of the output's shape or undefined. Returns a contiguous bfloat16 [..., N].
+// bfloat16 of the output's shape or undefined (not with a GEGLU weight). Returns a contiguous
+// bfloat16 [..., N] ([..., N/2] for a GEGLU weight).
 at::Tensor packed_linear(const at::Tensor& x, const PackedGemmWeight& weight,
                          const at::Tensor& residual = at::Tensor());
 

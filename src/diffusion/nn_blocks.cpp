@@ -455,17 +455,20 @@ at::Tensor BasicTransformerBlock::operator()(const at::Tensor& tokens, const at:
   // of the projection is the value, the second the (exact-GELU) gate.
   const int64_t dim = x.size(-1);
   const at::Tensor rows = x.view({-1, dim});
-  const int64_t row_bytes = ff_in.out_features() * static_cast<int64_t>(x.element_size());
+  const int64_t projected_width = ff_geglu ? ff_geglu->out_features : ff_in.out_features();
+  const int64_t row_bytes = projected_width * static_cast<int64_t>(x.element_size());
+  // Whole 32-row blocks of the packed products per chunk.
   const int64_t chunk =
-      std::max<int64_t>(64, options.feed_forward_chunk_bytes / std::max<int64_t>(1, row_bytes));
+      std::max<int64_t>(64, options.feed_forward_chunk_bytes / std::max<int64_t>(1, row_bytes) / 32 * 32);
   for (int64_t r0 = 0; r0 < rows.size(0); r0 += chunk) {
     at::Tensor part = rows.narrow(0, r0, std::min(chunk, rows.size(0) - r0));
-    const bool own_kernel = part.scalar_type() == at::kFloat || part.scalar_type() == at::kBFloat16;
-    const at::Tensor projected = ff_in(norm3(part));
     at::Tensor gated;
-    if (own_kernel) {
-      gated = geglu(projected);
+    if (ff_geglu && part.scalar_type() == at::kBFloat16) {
+      gated = packed_linear(norm3(part), *ff_geglu);  // projection and GEGLU in one pass
+    } else if (part.scalar_type() == at::kFloat || part.scalar_type() == at::kBFloat16) {
+      gated = geglu(ff_in(norm3(part)));
     } else {
+      const at::Tensor projected = ff_in(norm3(part));
       const int64_t inner = projected.size(-1) / 2;
       gated = at::gelu(projected.narrow(-1, inner, inner)).mul_(projected.narrow(-1, 0, inner));
     }
@@ -477,7 +480,12 @@ at::Tensor BasicTransformerBlock::operator()(const at::Tensor& tokens, const at:
 void BasicTransformerBlock::pack() {
   attn1.pack();
   attn2.pack();
-  ff_in.pack();
+  const int64_t projected = ff_in.weight.defined() ? ff_in.weight.size(0) : 0;
+  if (!ff_geglu && ff_in.weight.defined() && ff_in.weight.scalar_type() == at::kBFloat16 &&
+      projected % 32 == 0 && packed_gemm_supported(projected, ff_in.weight.size(1), 1)) {
+    ff_geglu = pack_geglu_weight(ff_in.weight, ff_in.bias);
+    ff_in = Linear();
+  }
   ff_out.pack();
 }
 

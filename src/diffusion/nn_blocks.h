@@ -238,6 +238,8 @@ struct BasicTransformerBlock {
   CrossAttention attn1, attn2;
   Linear ff_in;   // ff.net.0.proj: dim -> 2*inner (value half, then gate half)
   Linear ff_out;  // ff.net.2: inner -> dim
+  // After pack(): ff_in packed with the GEGLU epilogue (ff_in itself is then released).
+  std::shared_ptr<const PackedGemmWeight> ff_geglu;
   bool only_cross_attention = false;
 
   static BasicTransformerBlock load(io::WeightLoader& weights, const std::string& prefix, int64_t dim,

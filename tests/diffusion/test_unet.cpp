@@ -665,6 +665,28 @@ TEST(PackedGemm, LinearMatchesFloat64ForAnyRowCountStrideAndResidual) {
   EXPECT_THROW(packed_linear_into(bf16({4, 32}), *packed, wrong), ArgumentError);
 }
 
+TEST(PackedGemm, GegluProjectionMatchesFloat64) {
+  if (!has_amx_bf16()) GTEST_SKIP() << "no AMX-BF16 on this CPU";
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(25);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  for (const auto& [k, inner] : std::vector<std::pair<int64_t, int64_t>>{{32, 16}, {64, 48}, {640, 128}}) {
+    const at::Tensor w =
+        (at::randn({2 * inner, k}, generator, f32) / std::sqrt(static_cast<double>(k))).to(at::kBFloat16);
+    const at::Tensor b = at::randn({2 * inner}, generator, f32).to(at::kBFloat16);
+    const at::Tensor x = at::randn({2, 37, k}, generator, f32).to(at::kBFloat16);
+    const at::Tensor projected = at::linear(x.to(at::kDouble), w.to(at::kDouble), b.to(at::kDouble));
+    const at::Tensor ref = projected.narrow(-1, 0, inner) * at::gelu(projected.narrow(-1, inner, inner));
+    const auto packed = pack_geglu_weight(w, b);
+    EXPECT_TRUE(packed->geglu);
+    EXPECT_EQ(packed->output_width(), inner);
+    const at::Tensor y = packed_linear(x, *packed);
+    EXPECT_EQ(y.sizes(), (std::vector<int64_t>{2, 37, inner}));
+    EXPECT_LT(max_abs_diff(y, ref), bf16_tolerance(ref)) << "k " << k << " inner " << inner;
+    EXPECT_THROW(packed_linear(x, *packed, y), ArgumentError);
+  }
+  EXPECT_THROW(pack_geglu_weight(at::zeros({40, 32}), at::Tensor()), ArgumentError);
+}
+
 TEST(PackedGemm, ConvolutionsMatchFloat64InBothLayouts) {
   if (!has_amx_bf16()) GTEST_SKIP() << "no AMX-BF16 on this CPU";
   auto generator = at::make_generator<at::CPUGeneratorImpl>(23);
