@@ -292,11 +292,11 @@ GenerateResult Pipeline::generate_interleaved(const std::vector<Segment>& segmen
   const at::Tensor embeds = pipeline::assemble_embeddings(impl.llm(), assembly, features);
   result.timings.encode_images = seconds_since(stage);
 
-  // 2. The prompt. The session holds the prompt, every token that may be fed back and the
-  // forced vokens of every image allowed, within the model's context.
-  const int64_t vokens_per_image = static_cast<int64_t>(impl.tokens().vokens.size());
+  // 2. The prompt. The session holds the prompt, every sampled token (the last one is fed only
+  // when it is an [IMG0]) and the forced vokens after each [IMG0] allowed, within the context.
+  const int64_t forced_per_image = static_cast<int64_t>(impl.tokens().vokens.size()) - 1;
   const int64_t wanted =
-      result.prompt_tokens + sampling.max_new_tokens + vokens_per_image * options.max_images;
+      result.prompt_tokens + sampling.max_new_tokens + forced_per_image * options.max_images;
   const int64_t capacity = std::min(wanted, impl.context_positions());
   report(progress, {ProgressEvent::Stage::Prefill, 0, result.prompt_tokens, 0, ""});
   stage = Clock::now();

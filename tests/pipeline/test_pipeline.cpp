@@ -373,6 +373,23 @@ TEST_F(PipelineTest, PromptNearTheContextLimitEndsWithoutThrowing) {
   EXPECT_EQ(r.images, 0);
 }
 
+TEST_F(PipelineTest, Bfloat16PipelineDrawsToo) {
+  // The real bundle runs in bfloat16: every part converted at load, one image end to end.
+  LoadOptions bf16;
+  bf16.dtype = "bfloat16";
+  const Pipeline pipe = Pipeline::load(manifest_, bf16);
+  EXPECT_EQ(pipe.impl().llm().weight_dtype(), at::kBFloat16);
+  EXPECT_EQ(pipe.impl().mapper().dtype(), at::kBFloat16);
+  GenerateOptions options = fast(6);
+  options.force_image = true;
+  options.max_images = 1;
+  options.text.max_new_tokens = 3;
+  const GenerateResult r =
+      pipe.generate_interleaved({Segment::text("x"), Segment::image(photo(16, 16, 3))}, options);
+  ASSERT_EQ(count_images(r), 1);
+  EXPECT_EQ(r.segments.front().image().pixels.size(), 64u * 64u * 3u);
+}
+
 TEST(PipelineLoad, MissingAndWrongPartsAndTextOnly) {
   test::TempDir dir;
   const std::string manifest =
