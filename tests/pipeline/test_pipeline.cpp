@@ -390,6 +390,44 @@ TEST_F(PipelineTest, Bfloat16PipelineDrawsToo) {
   EXPECT_EQ(r.segments.front().image().pixels.size(), 64u * 64u * 3u);
 }
 
+// The "tiny bundle made from the goldens' parts": the golden folders' LLaMA + stage-2
+// LoRA (lora), image encoder (vision), stage-1 mapper (mapper) and Stable Diffusion (sd_loop)
+// fit together; the only part they lack is a tokenizer of their 1000-piece vocabulary, taken
+// from the random bundle.
+TEST_F(PipelineTest, BundleOfGoldenParts) {
+  const std::string root = test::golden_root();
+  for (const char* part : {"/lora/model/minigpt5_stage2.ckpt", "/vision/model/eva_vit_g.pth",
+                           "/mapper/model/minigpt5_stage1.ckpt", "/sd_loop/model/unet/config.json"})
+    if (root.empty() || !fs::exists(root + part))
+      GTEST_SKIP() << "golden folder part " << part << " not found";
+  io::Json json;
+  json["voken_bundle"] = 1;
+  json["name"] = "golden parts";
+  json["dtype"] = "float32";
+  json["llm"] = {{"path", root + "/lora/model"}};
+  json["tokenizer"] = {{"path", fs::path(manifest_).parent_path().string() + "/vicuna-7b"}};
+  json["vision"] = {{"vit", root + "/vision/model/eva_vit_g.pth"},
+                    {"qformer", root + "/vision/model/blip2_pretrained_flant5xxl.pth"},
+                    {"projection", root + "/vision/model/prerained_minigpt4_7b.pth"},
+                    {"config", root + "/vision/model/config.json"}};
+  json["minigpt5"] = {{"stage1", root + "/mapper/model/minigpt5_stage1.ckpt"},
+                      {"stage2", root + "/lora/model/minigpt5_stage2.ckpt"}};
+  json["diffusion"] = {{"path", root + "/sd_loop/model"}};
+  test::write_file(dir_->file("golden_parts.json"), json.dump());
+  const Pipeline pipe = Pipeline::load(dir_->file("golden_parts.json"));
+  EXPECT_EQ(pipe.impl().llm().vocab_size(), pipe.impl().tokenizer().vocab_size());
+  GenerateOptions options = fast(8);
+  options.force_image = true;
+  options.max_images = 1;
+  options.text.max_new_tokens = 6;
+  const GenerateResult r =
+      pipe.generate_interleaved({Segment::text("A picture:"), Segment::image(photo(30, 20, 7))}, options);
+  EXPECT_EQ(r.images, 1);
+  EXPECT_EQ(count_images(r), 1);
+  EXPECT_EQ(r.prompt_tokens, 1 + static_cast<int64_t>(pipe.impl().tokenizer().encode(r.prompt).size()) - 1 +
+                                 pipe.impl().image_encoder().num_query_tokens());
+}
+
 TEST(PipelineLoad, MissingAndWrongPartsAndTextOnly) {
   test::TempDir dir;
   const std::string manifest =
