@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -12,6 +13,7 @@
 #include <string>
 #include <type_traits>
 
+#include "core/work_ranges.h"
 #include "voken/error.h"
 
 // GCC 12 reports its own AVX-512 intrinsics as possibly reading uninitialised vectors; they do not.
@@ -198,26 +200,60 @@ VOKEN_AMX void write_tile(const Problem& p, const Job& job, const float* c, int6
   }
 }
 
+// Requests the lines of a weight panel (rows x [k_begin, k_end) of a job) into L2 a few at a time,
+// row after row, while another panel is being computed: the next unit's weights then arrive
+// from DRAM during this unit's products instead of stalling its first pass.
+struct PanelPrefetch {
+  const char* base = nullptr;  // first row, at k_begin
+  int64_t row_bytes = 0;       // stride between rows
+  int64_t lines_per_row = 0;
+  int64_t total = 0;  // rows * lines_per_row
+  int64_t cursor = 0;
+  int64_t per_step = 0;  // lines requested per step of 32 inputs
+
+  VOKEN_AMX inline void issue() {
+    for (int64_t i = 0; i < per_step && cursor < total; ++i, ++cursor)
+      _mm_prefetch(base + (cursor / lines_per_row) * row_bytes + (cursor % lines_per_row) * 64, _MM_HINT_T1);
+  }
+};
+
 // C += A B over `steps` steps of 32 inputs. A: NA tiles of 16 weight rows, a_row_bytes between
 // rows, a_step elements between steps, the second tile a_tile elements after the first; B: NB
-// packed token blocks (b_stride elements apart). Each product follows its own loads, so that a
-// load can overlap the previous product.
+// packed token blocks (b_stride elements apart). Software-pipelined: each operand tile is
+// reloaded for the next step as soon as its last product of this step is issued (tile registers
+// are not renamed), so loads overlap the remaining products. With `ahead` > 0 (a first pass over
+// weights read in place), the A rows `ahead` steps further are requested too.
 template <int NA, int NB>
 VOKEN_AMX inline void tile_product(const bf16_bits* a, int64_t a_row_bytes, int64_t a_step, int64_t a_tile,
-                                   const bf16_bits* b, int64_t b_stride, int64_t steps) {
+                                   const bf16_bits* b, int64_t b_stride, int64_t steps, int64_t ahead,
+                                   PanelPrefetch& prefetch) {
+  if (steps <= 0) return;
+  _tile_loadd(4, a, a_row_bytes);
+  _tile_loadd(6, b, 64);
+  if constexpr (NB == 2) _tile_loadd(7, b + b_stride, 64);
+  if constexpr (NA == 2) _tile_loadd(5, a + a_tile, a_row_bytes);
   for (int64_t s = 0; s < steps; ++s) {
-    _tile_loadd(4, a + s * a_step, a_row_bytes);
-    _tile_loadd(6, b + s * kPackedBlock, 64);
+    if (ahead > 0) {
+      const char* rows = reinterpret_cast<const char*>(a + (s + ahead) * a_step);
+      for (int r = 0; r < 16 * NA; ++r) _mm_prefetch(rows + r * a_row_bytes, _MM_HINT_T0);
+    }
+    prefetch.issue();
+    // The last step reloads its own tiles (harmless, and keeps the loop free of branches).
+    const int64_t n = s + 1 < steps ? s + 1 : s;
+    const bf16_bits* an = a + n * a_step;
+    const bf16_bits* bn = b + n * kPackedBlock;
     _tile_dpbf16ps(0, 4, 6);
-    if constexpr (NB == 2) {
-      _tile_loadd(7, b + b_stride + s * kPackedBlock, 64);
-      _tile_dpbf16ps(1, 4, 7);
-    }
+    if constexpr (NB == 2) _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(4, an, a_row_bytes);
     if constexpr (NA == 2) {
-      _tile_loadd(5, a + a_tile + s * a_step, a_row_bytes);
       _tile_dpbf16ps(2, 5, 6);
+      _tile_loadd(6, bn, 64);
       if constexpr (NB == 2) _tile_dpbf16ps(3, 5, 7);
+      _tile_loadd(5, an + a_tile, a_row_bytes);
+    } else {
+      _tile_loadd(6, bn, 64);
     }
+    if constexpr (NB == 2) _tile_loadd(7, bn + b_stride, 64);
   }
 }
 
@@ -263,15 +299,17 @@ VOKEN_AMX void pack_panel(const bf16_bits* w, int64_t ldw, int64_t rows, int64_t
 // [step_begin, step_end). The first pass accumulates from zero, the last writes the output.
 template <int NA>
 VOKEN_AMX void run_unit_rows(const Problem& p, const Job& job, int64_t n0, int64_t rows, int64_t step_begin,
-                             int64_t step_end, Scratch& scratch) {
+                             int64_t step_end, PanelPrefetch& prefetch, Scratch& scratch) {
   const bool first = step_begin == 0, last = step_end == p.k_steps;
   const int64_t steps = step_end - step_begin;
   const bf16_bits* a;
   int64_t a_row_bytes, a_step, a_tile;
-  // Full blocks of whole 32-input steps are read in place, straight from the weights; a partial
-  // block (or rows that are no multiple of 32 long) is copied into a zero-padded panel first, so
-  // that no tile reads past the weights.
-  const bool in_place = rows == NA * 16 && p.k % kStep == 0;
+  // Full blocks of whole 32-input steps are read in place, straight from the weights, when their
+  // rows start on cache lines (a tile row split over two lines loads several times slower; a
+  // safetensors file aligns tensors to 8 bytes only). Other blocks are copied into a zero-padded,
+  // aligned panel first, which also keeps tiles from reading past the weights.
+  const bool in_place = rows == NA * 16 && p.k % kStep == 0 &&
+                        reinterpret_cast<uintptr_t>(job.weight) % 64 == 0 && job.ldw % 32 == 0;
   if (in_place) {
     a = job.weight + n0 * job.ldw + step_begin * kStep;
     a_row_bytes = job.ldw * 2;
@@ -306,10 +344,12 @@ VOKEN_AMX void run_unit_rows(const Problem& p, const Job& job, int64_t n0, int64
         if (nb == 2) _tile_loadd(3, acc + 16 * acc_row + 16, acc_stride_bytes);
       }
     }
+    // In place, the first token blocks read the weights from memory: request them 8 steps ahead.
+    const int64_t ahead = in_place && mb == 0 ? 8 : 0;
     if (nb == 2)
-      tile_product<NA, 2>(a, a_row_bytes, a_step, a_tile, b, b_stride, steps);
+      tile_product<NA, 2>(a, a_row_bytes, a_step, a_tile, b, b_stride, steps, ahead, prefetch);
     else
-      tile_product<NA, 1>(a, a_row_bytes, a_step, a_tile, b, b_stride, steps);
+      tile_product<NA, 1>(a, a_row_bytes, a_step, a_tile, b, b_stride, steps, ahead, prefetch);
     if (last) {
       _tile_stored(0, scratch.c[0], 64);
       if (nb == 2) _tile_stored(1, scratch.c[1], 64);
@@ -331,24 +371,43 @@ VOKEN_AMX void run_unit_rows(const Problem& p, const Job& job, int64_t n0, int64
   }
 }
 
-VOKEN_AMX void run_unit(const Problem& p, int64_t unit, int64_t step_begin, int64_t step_end,
-                        Scratch& scratch) {
+const Job& job_of(const Problem& p, int64_t unit) {
   const Job* job = &p.jobs.front();
   for (const Job& j : p.jobs)
     if (unit >= j.first_unit) job = &j;
-  const int64_t n0 = (unit - job->first_unit) * 32;
-  const int64_t rows = std::min<int64_t>(32, job->n - n0);
-  if (rows > 16)
-    run_unit_rows<2>(p, *job, n0, rows, step_begin, step_end, scratch);
-  else
-    run_unit_rows<1>(p, *job, n0, rows, step_begin, step_end, scratch);
+  return *job;
 }
 
-VOKEN_AMX void run_units(const Problem& p, std::atomic<int64_t>& next, int64_t step_begin, int64_t step_end) {
+VOKEN_AMX void run_unit(const Problem& p, int64_t unit, int64_t next_unit, int64_t step_begin,
+                        int64_t step_end, Scratch& scratch) {
+  const Job& job = job_of(p, unit);
+  const int64_t n0 = (unit - job.first_unit) * 32;
+  const int64_t rows = std::min<int64_t>(32, job.n - n0);
+  PanelPrefetch prefetch;
+  if (next_unit >= 0) {
+    const Job& next = job_of(p, next_unit);
+    const int64_t next_n0 = (next_unit - next.first_unit) * 32;
+    const int64_t k_begin = step_begin * kStep, k_end = std::min(p.k, step_end * kStep);
+    prefetch.base = reinterpret_cast<const char*>(next.weight + next_n0 * next.ldw + k_begin);
+    prefetch.row_bytes = next.ldw * 2;
+    prefetch.lines_per_row = ((k_end - k_begin) * 2 + 63) / 64;
+    prefetch.total = std::min<int64_t>(32, next.n - next_n0) * prefetch.lines_per_row;
+    // Spread over this unit's steps (all token blocks), finishing a little early.
+    const int64_t unit_steps = (p.m_blocks + 1) / 2 * (step_end - step_begin);
+    prefetch.per_step = (prefetch.total + unit_steps - 1) / std::max<int64_t>(1, unit_steps) + 1;
+  }
+  if (rows > 16)
+    run_unit_rows<2>(p, job, n0, rows, step_begin, step_end, prefetch, scratch);
+  else
+    run_unit_rows<1>(p, job, n0, rows, step_begin, step_end, prefetch, scratch);
+}
+
+VOKEN_AMX void run_units(const Problem& p, WorkRanges& ranges, int64_t thread, int64_t step_begin,
+                         int64_t step_end) {
   load_tile_config();
   Scratch scratch;
-  for (int64_t u = next.fetch_add(1); u < p.units; u = next.fetch_add(1))
-    run_unit(p, u, step_begin, step_end, scratch);
+  for (int64_t u = ranges.next(thread); u >= 0; u = ranges.next(thread))
+    run_unit(p, u, ranges.peek(thread), step_begin, step_end, scratch);
   _tile_release();
 }
 
@@ -360,6 +419,174 @@ VOKEN_AMX void pack_any(const at::Tensor& x, Problem& p, bf16_bits* packed, int6
            packed, begin, end);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Attention: softmax((q scale) k^T) v per head, one 32-query block per work unit.
+
+struct AttentionProblem {
+  const bf16_bits *q = nullptr, *k = nullptr, *v = nullptr;
+  bf16_bits* out = nullptr;
+  int64_t batch = 0, heads = 0, head_dim = 0, queries = 0, keys = 0;
+  int64_t q_batch = 0, q_row = 0, k_batch = 0, k_row = 0, v_batch = 0, v_row = 0, o_batch = 0, o_row = 0;
+  int64_t d_steps = 0;     // head_dim in 32-deep steps (the q k^T reduction)
+  int64_t d_blocks = 0;    // head_dim in 16-wide blocks, rounded up to pairs (P v output columns)
+  int64_t key_blocks = 0;  // keys in 16-wide blocks, rounded up to pairs
+  int64_t key_steps = 0;   // keys in 32-deep steps (the P v reduction) = key_blocks / 2
+  float scale = 1;
+  bf16_bits *packed_k = nullptr, *packed_v = nullptr;  // per (batch, head)
+  int64_t packed_k_size = 0, packed_v_size = 0;
+};
+
+// V rows (keys) -> B tiles of P v: per (d block, key step) [16 key pairs][16 dims][2], zero padded.
+VOKEN_AMX void pack_v(const AttentionProblem& p, const bf16_bits* v, bf16_bits* packed) {
+  alignas(64) static constexpr uint16_t kInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                                           21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                                           11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  for (int64_t ks = 0; ks < p.key_steps; ++ks) {
+    for (int64_t i = 0; i < 16; ++i) {
+      const int64_t key = ks * 32 + 2 * i;
+      for (int64_t db = 0; db < p.d_blocks; ++db) {
+        const int64_t d = db * 16;
+        const __mmask16 dims = mask16(p.head_dim - d);
+        const __m256i even =
+            key < p.keys ? _mm256_maskz_loadu_epi16(dims, v + key * p.v_row + d) : _mm256_setzero_si256();
+        const __m256i odd = key + 1 < p.keys ? _mm256_maskz_loadu_epi16(dims, v + (key + 1) * p.v_row + d)
+                                             : _mm256_setzero_si256();
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(even), odd, 1);
+        _mm512_store_si512(packed + (db * p.key_steps + ks) * kPackedBlock + i * 32,
+                           _mm512_permutexvar_epi16(interleave, both));
+      }
+    }
+  }
+}
+
+struct AttentionScratch {
+  std::unique_ptr<char, decltype(&std::free)> memory{nullptr, &std::free};
+  bf16_bits* q = nullptr;   // [32][d_steps * 32], scaled, zero padded
+  float* s = nullptr;       // [32][key_blocks * 16] scores
+  bf16_bits* pr = nullptr;  // [32][key_blocks * 16] probabilities
+  float* o = nullptr;       // [32][32] one output tile pair
+  explicit AttentionScratch(const AttentionProblem& p) {
+    const int64_t kp = p.key_blocks * 16, dp = p.d_steps * 32;
+    const size_t q_bytes = 32 * dp * 2, s_bytes = 32 * kp * 4, p_bytes = 32 * kp * 2, o_bytes = 32 * 32 * 4;
+    memory.reset(static_cast<char*>(std::aligned_alloc(64, q_bytes + s_bytes + p_bytes + o_bytes)));
+    if (!memory) throw std::bad_alloc();
+    q = reinterpret_cast<bf16_bits*>(memory.get());
+    s = reinterpret_cast<float*>(memory.get() + q_bytes);
+    pr = reinterpret_cast<bf16_bits*>(memory.get() + q_bytes + s_bytes);
+    o = reinterpret_cast<float*>(memory.get() + q_bytes + s_bytes + p_bytes);
+  }
+};
+
+VOKEN_AMX void attention_block(const AttentionProblem& p, int64_t unit, AttentionScratch& w) {
+  const int64_t q_blocks = (p.queries + 31) / 32;
+  const int64_t bh = unit / q_blocks, q0 = unit % q_blocks * 32;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int64_t rows = std::min<int64_t>(32, p.queries - q0);
+  const int64_t kp = p.key_blocks * 16, dp = p.d_steps * 32;
+  // q rows times scale, rounded to bf16 (as upstream's q * scale), zero padded.
+  const __m512 scale = _mm512_set1_ps(p.scale);
+  for (int64_t r = 0; r < 32; ++r) {
+    const bf16_bits* src = p.q + b * p.q_batch + (q0 + r) * p.q_row + h * p.head_dim;
+    for (int64_t d = 0; d < dp; d += 16) {
+      const __mmask16 m = r < rows ? mask16(p.head_dim - d) : __mmask16(0);
+      const __m512 x = _mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + d)), 16));
+      simd::store16(w.q + r * dp + d, _mm512_mul_ps(x, scale));
+    }
+  }
+  // S = q k^T, 32 queries x 32 keys per 2 x 2 tiles.
+  const bf16_bits* pk = p.packed_k + bh * p.packed_k_size;
+  const int64_t k_block_stride = p.d_steps * kPackedBlock;
+  for (int64_t kb = 0; kb < p.key_blocks; kb += 2) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t ds = 0; ds < p.d_steps; ++ds) {
+      _tile_loadd(4, w.q + ds * 32, dp * 2);
+      _tile_loadd(6, pk + kb * k_block_stride + ds * kPackedBlock, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_loadd(7, pk + (kb + 1) * k_block_stride + ds * kPackedBlock, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_loadd(5, w.q + 16 * dp + ds * 32, dp * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, w.s + kb * 16, kp * 4);
+    _tile_stored(1, w.s + kb * 16 + 16, kp * 4);
+    _tile_stored(2, w.s + 16 * kp + kb * 16, kp * 4);
+    _tile_stored(3, w.s + 16 * kp + kb * 16 + 16, kp * 4);
+  }
+  // Softmax over the real keys in float32; probabilities rounded to bf16, padding columns zero.
+  for (int64_t r = 0; r < rows; ++r) {
+    float* srow = w.s + r * kp;
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int64_t c = 0; c < p.keys; c += 16)
+      vmax =
+          _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mask16(p.keys - c), srow + c));
+    const __m512 row_max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t c = 0; c < p.keys; c += 16) {
+      const __mmask16 m = mask16(p.keys - c);
+      const __m512 e =
+          _mm512_maskz_mov_ps(m, simd::exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, srow + c), row_max)));
+      _mm512_storeu_ps(srow + c, e);
+      vsum = _mm512_add_ps(vsum, e);
+    }
+    const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+    bf16_bits* prow = w.pr + r * kp;
+    for (int64_t c = 0; c < kp; c += 16) {
+      const __mmask16 m = mask16(p.keys - c);
+      simd::store16(prow + c, _mm512_maskz_mul_ps(m, _mm512_maskz_loadu_ps(m, srow + c), inverse));
+    }
+  }
+  for (int64_t r = rows; r < 32; ++r) std::memset(w.pr + r * kp, 0, static_cast<size_t>(kp) * 2);
+  // O = P v, 32 queries x 32 dims per 2 x 2 tiles.
+  const bf16_bits* pv = p.packed_v + bh * p.packed_v_size;
+  const int64_t v_block_stride = p.key_steps * kPackedBlock;
+  bf16_bits* out = p.out + b * p.o_batch + q0 * p.o_row + h * p.head_dim;
+  for (int64_t db = 0; db < p.d_blocks; db += 2) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t ks = 0; ks < p.key_steps; ++ks) {
+      _tile_loadd(4, w.pr + ks * 32, kp * 2);
+      _tile_loadd(6, pv + db * v_block_stride + ks * kPackedBlock, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_loadd(7, pv + (db + 1) * v_block_stride + ks * kPackedBlock, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_loadd(5, w.pr + 16 * kp + ks * 32, kp * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, w.o, 128);
+    _tile_stored(1, w.o + 16, 128);
+    _tile_stored(2, w.o + 16 * 32, 128);
+    _tile_stored(3, w.o + 16 * 32 + 16, 128);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int half = 0; half < 2; ++half) {
+        const int64_t d = db * 16 + half * 16;
+        const __mmask16 m = mask16(p.head_dim - d);
+        if (m) simd::store16(out + r * p.o_row + d, _mm512_load_ps(w.o + r * 32 + half * 16), m);
+      }
+  }
+}
+
+VOKEN_AMX void attention_units(const AttentionProblem& p, WorkRanges& ranges, int64_t thread) {
+  load_tile_config();
+  AttentionScratch scratch(p);
+  for (int64_t u = ranges.next(thread); u >= 0; u = ranges.next(thread)) attention_block(p, u, scratch);
+  _tile_release();
+}
+
+VOKEN_AMX void attention_pack(const AttentionProblem& p, int64_t bh) {
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  pack_x(p.k + b * p.k_batch + h * p.head_dim, p.k_row, p.keys, p.head_dim, p.d_steps,
+         p.packed_k + bh * p.packed_k_size, 0, p.key_blocks);
+  pack_v(p, p.v + b * p.v_batch + h * p.head_dim, p.packed_v + bh * p.packed_v_size);
+}
 }  // namespace
 #endif
 
@@ -462,13 +689,13 @@ std::vector<at::Tensor> amx_linear_many(const at::Tensor& x, const std::vector<A
   for (int64_t pass = 0; pass < passes; ++pass) {
     const int64_t step_begin = pass * steps_per_pass;
     const int64_t step_end = std::min(p.k_steps, step_begin + steps_per_pass);
-    std::atomic<int64_t> next{0};
-    // Units are handed out from a shared counter: a thread that loses its core to another
-    // process leaves its share to the others instead of holding up the whole product.
+    WorkRanges ranges(p.units, workers);
     if (workers > 1)
-      at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { run_units(p, next, step_begin, step_end); });
+      at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) run_units(p, ranges, t, step_begin, step_end);
+      });
     else
-      run_units(p, next, step_begin, step_end);
+      run_units(p, ranges, 0, step_begin, step_end);
   }
   return outputs;
 #else
@@ -479,6 +706,85 @@ std::vector<at::Tensor> amx_linear_many(const at::Tensor& x, const std::vector<A
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                       at::ScalarType out_dtype, Activation activation) {
   return amx_linear_many(x, {AmxLinearJob{weight, bias, activation}}, out_dtype).front();
+}
+
+at::Tensor amx_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
+                         double scale) {
+  if (!has_amx_bf16()) throw ArgumentError("amx_attention: this CPU (or OS) does not offer AMX-BF16");
+  for (const at::Tensor* t : {&q, &k, &v})
+    if (!t->defined() || t->dim() != 3 || t->scalar_type() != at::kBFloat16 || !t->device().is_cpu() ||
+        t->stride(2) != 1)
+      throw ArgumentError(
+          "amx_attention: q, k and v must be 3-D bfloat16 CPU tensors [B, T, heads * D] with "
+          "unit stride in the last dimension");
+  const int64_t width = q.size(2);
+  if (heads <= 0 || width % heads != 0 || k.size(2) != width || v.size(2) != width ||
+      k.size(0) != q.size(0) || v.size(0) != q.size(0) || v.size(1) != k.size(1))
+    throw ArgumentError("amx_attention: q " + std::to_string(q.size(0)) + "x" + std::to_string(q.size(1)) +
+                        "x" + std::to_string(width) + ", k " + std::to_string(k.size(0)) + "x" +
+                        std::to_string(k.size(1)) + "x" + std::to_string(k.size(2)) + " and v do not fit " +
+                        std::to_string(heads) + " heads");
+  const int64_t head_dim = width / heads;
+  if (!amx_attention_supported(head_dim, k.size(1)))
+    throw ArgumentError(
+        "amx_attention: head_dim " + std::to_string(head_dim) + " / " + std::to_string(k.size(1)) +
+        " keys are outside the kernel's range (head_dim <= " + std::to_string(kAmxAttentionMaxHeadDim) +
+        ", 1 to " + std::to_string(kAmxAttentionMaxKeys) + " keys)");
+  at::Tensor out = at::empty({q.size(0), q.size(1), width}, q.options());
+  if (q.size(0) == 0 || q.size(1) == 0) return out;
+#ifdef VOKEN_HAVE_AMX_GEMM
+  AttentionProblem p;
+  p.q = reinterpret_cast<const bf16_bits*>(q.data_ptr<at::BFloat16>());
+  p.k = reinterpret_cast<const bf16_bits*>(k.data_ptr<at::BFloat16>());
+  p.v = reinterpret_cast<const bf16_bits*>(v.data_ptr<at::BFloat16>());
+  p.out = reinterpret_cast<bf16_bits*>(out.data_ptr<at::BFloat16>());
+  p.batch = q.size(0);
+  p.heads = heads;
+  p.head_dim = head_dim;
+  p.queries = q.size(1);
+  p.keys = k.size(1);
+  p.q_batch = q.stride(0);
+  p.q_row = q.stride(1);
+  p.k_batch = k.stride(0);
+  p.k_row = k.stride(1);
+  p.v_batch = v.stride(0);
+  p.v_row = v.stride(1);
+  p.o_batch = out.stride(0);
+  p.o_row = out.stride(1);
+  p.d_steps = (head_dim + 31) / 32;
+  p.d_blocks = (head_dim + 31) / 32 * 2;
+  p.key_blocks = (p.keys + 31) / 32 * 2;
+  p.key_steps = p.key_blocks / 2;
+  p.scale = static_cast<float>(scale);
+  p.packed_k_size = p.key_blocks * p.d_steps * kPackedBlock;
+  p.packed_v_size = p.d_blocks * p.key_steps * kPackedBlock;
+  const int64_t pairs = p.batch * heads;
+  const std::unique_ptr<bf16_bits, decltype(&std::free)> packed(
+      static_cast<bf16_bits*>(
+          std::aligned_alloc(64, static_cast<size_t>(pairs * (p.packed_k_size + p.packed_v_size)) * 2)),
+      &std::free);
+  if (!packed) throw std::bad_alloc();
+  p.packed_k = packed.get();
+  p.packed_v = packed.get() + pairs * p.packed_k_size;
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) attention_pack(p, bh);
+  });
+  const int64_t units = pairs * ((p.queries + 31) / 32);
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), units);
+  WorkRanges ranges(units, workers);
+  if (workers > 1)
+    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) attention_units(p, ranges, t);
+    });
+  else
+    attention_units(p, ranges, 0);
+#endif
+  return out;
+}
+
+bool amx_attention_supported(int64_t head_dim, int64_t keys) {
+  return has_amx_bf16() && head_dim >= 1 && head_dim <= kAmxAttentionMaxHeadDim && keys >= 1 &&
+         keys <= kAmxAttentionMaxKeys;
 }
 
 }  // namespace voken::core

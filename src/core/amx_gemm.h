@@ -45,4 +45,16 @@ std::vector<at::Tensor> amx_linear_many(const at::Tensor& x, const std::vector<A
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias = {},
                       at::ScalarType out_dtype = at::kFloat, Activation activation = Activation::None);
 
+// Multi-head attention for bf16 activations (the vision encoder's): softmax((q * scale) k^T) v
+// per head, q [B, Tq, heads * D], k and v [B, Tk, heads * D] (unit stride in the last dimension,
+// rows may be strided, e.g. views of a fused qkv product). q is scaled and rounded to bf16 first
+// (as `q * scale` would be), scores and softmax are float32, the probabilities are rounded to
+// bf16 for the product with v, and the output is rounded once. Returns [B, Tq, heads * D] bf16.
+// Each 32-query block keeps all its scores in a buffer, so the key count is bounded.
+constexpr int64_t kAmxAttentionMaxHeadDim = 256;
+constexpr int64_t kAmxAttentionMaxKeys = 4096;
+bool amx_attention_supported(int64_t head_dim, int64_t keys);
+at::Tensor amx_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
+                         double scale);
+
 }  // namespace voken::core

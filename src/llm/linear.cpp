@@ -5,11 +5,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <string>
 #include <vector>
 
 #include "core/amx_gemm.h"
+#include "core/work_ranges.h"
 #include "voken/error.h"
 
 // GCC 12 reports its own _mm512_setzero_ps/_mm512_reduce_add_ps as "may be used uninitialized".
@@ -78,47 +78,6 @@ VOKEN_AVX512 void gemv_rows(const float* x, const uint16_t* w, float* y, int64_t
   if (j < row_end) gemv_rows<M, 1>(x, w, y, in, out, j, row_end);
 }
 
-// Chunks of work shared by the threads: thread t first takes chunks from the front of its own
-// contiguous share (one sequential stream), then steals from the back of the others' shares (so
-// that a descheduled thread does not hold up the step). front and back live in one 64-bit word.
-class ChunkRanges {
- public:
-  ChunkRanges(int64_t chunks, int64_t threads) : ranges_(static_cast<size_t>(threads)) {
-    for (int64_t t = 0; t < threads; ++t) {
-      const uint64_t front = static_cast<uint64_t>(chunks * t / threads);
-      const uint64_t back = static_cast<uint64_t>(chunks * (t + 1) / threads);
-      ranges_[static_cast<size_t>(t)].word.store(front << 32 | back, std::memory_order_relaxed);
-    }
-  }
-  // The next chunk for thread t, or -1 when everything is taken.
-  int64_t next(int64_t t) {
-    const int64_t own = take(ranges_[static_cast<size_t>(t)], /*from_front=*/true);
-    if (own >= 0) return own;
-    const int64_t n = static_cast<int64_t>(ranges_.size());
-    for (int64_t i = 1; i < n; ++i) {
-      const int64_t stolen = take(ranges_[static_cast<size_t>((t + i) % n)], /*from_front=*/false);
-      if (stolen >= 0) return stolen;
-    }
-    return -1;
-  }
-
- private:
-  struct alignas(64) Range {
-    std::atomic<uint64_t> word{0};
-  };
-  static int64_t take(Range& r, bool from_front) {
-    uint64_t word = r.word.load(std::memory_order_relaxed);
-    for (;;) {
-      const uint64_t front = word >> 32, back = word & 0xFFFFFFFFu;
-      if (front >= back) return -1;
-      const uint64_t updated = from_front ? (front + 1) << 32 | back : front << 32 | (back - 1);
-      if (r.word.compare_exchange_weak(word, updated, std::memory_order_relaxed))
-        return static_cast<int64_t>(from_front ? front : back - 1);
-    }
-  }
-  std::vector<Range> ranges_;
-};
-
 struct GemvTask {
   const uint16_t* w;
   float* y;
@@ -133,7 +92,7 @@ template <int M>
 VOKEN_AVX512 void gemv_many(const float* x, const std::vector<GemvTask>& tasks, int64_t in, int64_t chunks) {
   constexpr int R = M >= 8 ? 1 : 8 / M;  // R * M accumulators: 8 independent FMA chains
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
-  ChunkRanges ranges(chunks, threads);
+  core::WorkRanges ranges(chunks, threads);
   auto work = [&](int64_t t) {
     size_t task = 0;
     for (int64_t c = ranges.next(t); c >= 0; c = ranges.next(t)) {
