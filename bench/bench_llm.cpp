@@ -328,6 +328,7 @@ struct ModelResult {
   double prefill_s = 0;  // best of repeats, for `prompt` tokens
   double decode_s = 0;   // median per token
   double decode_mean_s = 0;
+  double products_s = 0;   // the decode step's matrix products alone (best of 3 passes)
   double bandwidth = 0;    // reading the decode weights, bytes/s
   double peak_rss = 0;     // VmHWM
   double prefill_cpu = 0;  // CPU seconds / wall seconds during the timed prefills
@@ -398,6 +399,31 @@ ModelResult measure_model(const Options& options, const std::string& label, cons
   add(model.weight("lm_head.weight"));
   r.bandwidth = read_bandwidth(ranges, 3);
 
+  // The decode step's matrix products on their own: one single-row pass over every decode matrix,
+  // grouped as a decode step groups them (q/k/v and gate/up share a pass), right after the read
+  // bound. Decode time minus this is what the rest of the step (norms, rotary, attention over the
+  // cache, thread hand-offs) costs.
+  {
+    const at::Tensor xh = at::randn({1, c.hidden_size});
+    const at::Tensor xi = at::randn({1, c.intermediate_size});
+    std::vector<std::pair<const at::Tensor*, std::vector<at::Tensor>>> groups;
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      const std::string p = "model.layers." + std::to_string(l) + ".";
+      auto w = [&](const char* m) { return model.weight(p + m + ".weight"); };
+      groups.push_back({&xh, {w("self_attn.q_proj"), w("self_attn.k_proj"), w("self_attn.v_proj")}});
+      groups.push_back({&xh, {w("self_attn.o_proj")}});
+      groups.push_back({&xh, {w("mlp.gate_proj"), w("mlp.up_proj")}});
+      groups.push_back({&xi, {w("mlp.down_proj")}});
+    }
+    groups.push_back({&xh, {model.weight("lm_head.weight")}});
+    r.products_s = INFINITY;
+    for (int pass = 0; pass < 3; ++pass) {
+      const auto t0 = std::chrono::steady_clock::now();
+      for (const auto& [x, weights] : groups) voken::llm::dense_many(*x, weights);
+      r.products_s = std::min(r.products_s, seconds_since(t0));
+    }
+  }
+
   std::vector<double> steps;
   cpu_start = cpu_seconds();
   wall_start = std::chrono::steady_clock::now();
@@ -441,6 +467,9 @@ void print_result(const ModelResult& r, const DramResult& dram) {
         "  bandwidth bound      n/a: the weights fit in cache, per-op overhead dominates (%.2g s/token)\n",
         bound);
   std::printf("  effective decode bw  %.2f GB/s\n", r.bytes_per_token / r.decode_s / GB);
+  std::printf("  decode products only %.4f s/token (%.3f x bound); rest of the step %.4f s (%.1f%%)\n",
+              r.products_s, r.products_s / bound, r.decode_s - r.products_s,
+              100.0 * (r.decode_s - r.products_s) / r.decode_s);
   std::printf("  peak RSS             %.3f GB (file-backed %.3f, anonymous %.3f) = %.3f x weight bytes%s\n",
               r.peak_rss / GB, r.rss_file / GB, r.rss_anon / GB, r.peak_rss / r.weight_bytes,
               r.weight_bytes > 1e9 ? "  (target < 1.10)" : "  (process baseline dominates)");

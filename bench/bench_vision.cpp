@@ -297,6 +297,19 @@ void compare_attention(at::ScalarType dtype, int64_t batch) {
       "  attention %-5s [%ld,16,257,88]: matmul+softmax %.2f ms, _scaled_dot_product_attention %.2f ms "
       "(max diff %.2g) per ViT block\n",
       dtype == at::kBFloat16 ? "bf16" : "fp32", long(batch), t_manual * 1e3, t_fused * 1e3, diff);
+  if (dtype == at::kBFloat16 && voken::core::amx_attention_supported(head_dim, tokens)) {
+    // The encoder's kernel, on [B, T, heads * D] rows.
+    const auto rows = [&](const at::Tensor& t) {
+      return t.transpose(1, 2).reshape({batch, tokens, heads * head_dim});
+    };
+    const auto qr = rows(q), kr = rows(k), vr = rows(v);
+    at::Tensor amx;
+    const double t_amx =
+        time_best_wall([&] { amx = voken::core::amx_attention(qr, kr, vr, heads, scale); }, 5);
+    std::printf(
+        "  attention bf16  core::amx_attention %.2f ms per ViT block (max diff to matmul+softmax %.2g)\n",
+        t_amx * 1e3, (amx.to(at::kFloat) - rows(manual).to(at::kFloat)).abs().max().item<double>());
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

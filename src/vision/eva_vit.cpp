@@ -236,19 +236,27 @@ at::Tensor EvaVit::block_forward(const Block& block, const at::Tensor& x) const 
     return activation == core::Activation::GeluErf ? at::gelu(y) : y;  // exact erf GELU (nn.GELU)
   };
   auto h = norm(x, block.norm1_weight, block.norm1_bias);
-  // [B, T, 3, heads, head_dim] -> [3, B, heads, T, head_dim], copied once so that the batched
-  // products below read contiguous heads (cheaper than letting each matmul copy its operand).
-  const auto qkv = linear(h, block.qkv_weight, block.qkv_bias)
-                       .view({batch, tokens, 3, num_heads_, head_dim_})
-                       .permute({2, 0, 3, 1, 4})
-                       .contiguous();
-  // Upstream scales q before the product (not the scores); same rounding here.
-  const auto q = qkv[0] * scale_;
-  // The softmax runs in the activation dtype: libtorch accumulates bf16 in float internally, and
-  // the probabilities are rounded to that dtype for the next product anyway.
-  const auto probs = at::softmax(at::matmul(q, qkv[1].transpose(-2, -1)), -1);
-  const auto context =
-      at::matmul(probs, qkv[2]).transpose(1, 2).reshape({batch, tokens, num_heads_ * head_dim_});
+  const auto qkv_rows = linear(h, block.qkv_weight, block.qkv_bias);  // [B, T, 3 * heads * head_dim]
+  const int64_t attn_width = num_heads_ * head_dim_;
+  at::Tensor context;
+  if (amx && core::amx_attention_supported(head_dim_, tokens)) {
+    // Fused kernel on views of the product (no head copies); upstream's rounding of q * scale to
+    // bf16 is kept, the scores and softmax stay float32 (closer to float32 than the bf16 ops).
+    context =
+        core::amx_attention(qkv_rows.narrow(-1, 0, attn_width), qkv_rows.narrow(-1, attn_width, attn_width),
+                            qkv_rows.narrow(-1, 2 * attn_width, attn_width), num_heads_, scale_);
+  } else {
+    // [B, T, 3, heads, head_dim] -> [3, B, heads, T, head_dim], copied once so that the batched
+    // products below read contiguous heads (cheaper than letting each matmul copy its operand).
+    const auto qkv =
+        qkv_rows.view({batch, tokens, 3, num_heads_, head_dim_}).permute({2, 0, 3, 1, 4}).contiguous();
+    // Upstream scales q before the product (not the scores); same rounding here.
+    const auto q = qkv[0] * scale_;
+    // The softmax runs in the activation dtype: libtorch accumulates bf16 in float internally,
+    // and the probabilities are rounded to that dtype for the next product anyway.
+    const auto probs = at::softmax(at::matmul(q, qkv[1].transpose(-2, -1)), -1);
+    context = at::matmul(probs, qkv[2]).transpose(1, 2).reshape({batch, tokens, attn_width});
+  }
   auto out = x + linear(context, block.proj_weight, block.proj_bias);
   h = norm(out, block.norm2_weight, block.norm2_bias);
   h = linear(h, block.fc1_weight, block.fc1_bias, core::Activation::GeluErf);
