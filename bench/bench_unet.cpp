@@ -288,6 +288,17 @@ void packed_kernels(int reps) {
   struct Lin {
     int64_t m, k, n;
   };
+  // The fused attention core at the 64x64 and 32x32 levels (self-attention of a batch of 2).
+  for (const auto& [tokens, heads] : std::vector<std::pair<int64_t, int64_t>>{{4096, 5}, {1024, 10}}) {
+    const at::Tensor qkv = at::randn({2, tokens, 3 * heads * 64}, generator, f32).to(at::kBFloat16);
+    const int64_t inner = heads * 64;
+    const at::Tensor q = qkv.narrow(2, 0, inner), k = qkv.narrow(2, inner, inner),
+                     v = qkv.narrow(2, 2 * inner, inner);
+    const double flops = 2 * 2.0 * 2 * tokens * tokens * inner;
+    const double t = time_wall_cpu([&] { fused_attention_bf16(q, k, v, heads, 0.125); }, reps).second;
+    std::printf("  attention %ld tokens x %ld heads:    fused  %7.2f ms %5.0f GFLOP/s\n", tokens, heads,
+                t * 1e3, flops / t / 1e9);
+  }
   // GEGLU feed-forward input projection: fused epilogue against product + geglu kernel.
   for (const Lin& l : {Lin{1632, 320, 2560}, Lin{8192, 320, 2560}, Lin{2048, 640, 5120}}) {
     const at::Tensor x = at::randn({l.m, l.k}, generator, f32).to(at::kBFloat16);

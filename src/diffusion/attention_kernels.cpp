@@ -52,9 +52,9 @@ bool detect_amx() {
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
-constexpr int kRows = 16;     // queries per block: the tile height
-constexpr int kKeys = 32;     // key padding granule: one 32-deep P tile
-constexpr int kChunk = 1024;  // keys per softmax chunk (fewest AMX/AVX-512 switches that stay in L1/L2)
+constexpr int kRows = 32;    // queries per block: two 16-row tiles share every K and V tile load
+constexpr int kKeys = 32;    // key padding granule: one 32-deep P tile
+constexpr int kChunk = 512;  // keys per softmax chunk (scores and probabilities stay in L1/L2)
 // The running row maximum is only raised (and the output rescaled) when a chunk's scores exceed
 // it by more than this (after scaling): exp() arguments stay below it, so nothing overflows and
 // the sums stay exact to float rounding, while rescales become rare after the first chunks.
@@ -83,20 +83,42 @@ struct Problem {
   float scale = 1;
   // Per (batch, head): K as [dq/2][keys_padded][2] and V as [keys_padded/2][dv][2] (the pair-
   // interleaved "VNNI" layout of AMX B tiles), zero padded.
-  std::vector<bf16_bits> packed_k, packed_v;
+  std::unique_ptr<bf16_bits[]> packed_k, packed_v;  // not zero-initialised: pack_head writes all
 };
 
+// K as 32-bit words [dq/2][keys_padded] (a dimension pair per word) and V as 32-bit words
+// [keys_padded/2][dv] (a key pair per word), every padding word written as zero.
 void pack_head(Problem& p, int64_t bh) {
   const int64_t b = bh / p.heads, h = bh % p.heads, kp = p.keys_padded;
-  bf16_bits* kv = p.packed_k.data() + bh * p.dq * kp;
-  bf16_bits* vv = p.packed_v.data() + bh * kp * p.dv;
-  for (int64_t n = 0; n < p.keys; ++n) {
-    const bf16_bits* ks = p.k + b * p.k_batch + n * p.k_row + h * p.head_dim;
-    const bf16_bits* vs = p.v + b * p.v_batch + n * p.v_row + h * p.head_dim;
-    for (int64_t d = 0; d < p.head_dim; ++d) {
-      kv[((d >> 1) * kp + n) * 2 + (d & 1)] = ks[d];
-      vv[((n >> 1) * p.dv + d) * 2 + (n & 1)] = vs[d];
+  auto* kw = reinterpret_cast<uint32_t*>(p.packed_k.get() + bh * p.dq * kp);
+  auto* vw = reinterpret_cast<uint32_t*>(p.packed_v.get() + bh * kp * p.dv);
+  const auto key_row = [&](int64_t n) { return p.k + b * p.k_batch + n * p.k_row + h * p.head_dim; };
+  const auto value_row = [&](int64_t n) { return p.v + b * p.v_batch + n * p.v_row + h * p.head_dim; };
+  const auto word = [](uint32_t lo, uint32_t hi) { return lo | (hi << 16); };
+  // K: 16 keys at a time, so that each word row is written in 64-byte runs.
+  for (int64_t n0 = 0; n0 < kp; n0 += 16)
+    for (int64_t w = 0; w < p.dq / 2; ++w) {
+      const int64_t d = 2 * w;
+      for (int64_t n = n0; n < n0 + 16; ++n) {
+        uint32_t value = 0;
+        if (n < p.keys && d < p.head_dim) {
+          const bf16_bits* row = key_row(n);
+          value = word(row[d], d + 1 < p.head_dim ? row[d + 1] : 0);
+        }
+        kw[w * kp + n] = value;
+      }
     }
+  // V: rows n and n + 1 interleaved.
+  for (int64_t n = 0; n < kp; n += 2) {
+    uint32_t* dst = vw + (n / 2) * p.dv;
+    const bf16_bits* even = n < p.keys ? value_row(n) : nullptr;
+    const bf16_bits* odd = n + 1 < p.keys ? value_row(n + 1) : nullptr;
+    if (even && odd) {
+      for (int64_t d = 0; d < p.head_dim; ++d) dst[d] = word(even[d], odd[d]);
+    } else {
+      for (int64_t d = 0; d < p.head_dim; ++d) dst[d] = word(even ? even[d] : 0, 0);
+    }
+    for (int64_t d = p.head_dim; d < p.dv; ++d) dst[d] = 0;
   }
 }
 
@@ -107,19 +129,20 @@ VOKEN_AMX inline bf16_bits float_to_bf16(float v) {
   return static_cast<bf16_bits>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
-// One 16-row query block against all keys, in 1024-key chunks (switching between AMX and
-// AVX-512 work has a cost; per 256 keys it was a third of the time):
-//   1. S = Q K^T for the chunk: 64 keys per step in four accumulator tiles (independent chains),
-//      B tiles alternating so that loads need not wait for the previous product;
-//   2. online softmax of the chunk's 16 x 1024 scores in AVX-512 (float32), P rounded to bfloat16;
-//   3. O += P V, O's four tiles loaded from and stored to an L1 buffer once per chunk (so that a
-//      rescale is a plain multiply of that buffer).
-// Tiles: 0 and 3 A (Q or P), 1 and 6 (S phase) / 1 and 2 (P V phase) B, 2-5 S, 4-7 O.
+// One 32-row query block (two 16-row tiles) against all keys, in 512-key chunks (switching
+// between AMX and AVX-512 work has a cost, so each phase runs over a whole chunk):
+//   1. S = Q K^T for the chunk, 32 keys per step: tiles Q0, Q1 (A) x K0, K1 (B) -> four S tiles,
+//      so that each K tile, read from L2, serves both query tiles;
+//   2. online softmax of the chunk's 32 x 512 scores in AVX-512 (float32), P rounded to bfloat16;
+//   3. O += P V, output columns 32 at a time: tiles P0, P1 (A) x V0, V1 (B) -> four O tiles
+//      loaded from and stored to an L1 buffer once per chunk (a rescale is then a plain multiply
+//      of that buffer).
+// Tiles: 0, 1 A (Q or P); 2, 3 B (K or V); 4-7 S or O.
 VOKEN_AMX void run_blocks(const Problem& p, int64_t begin, int64_t end) {
   TileConfig config;
   config.palette_id = 1;
   for (int t = 0; t < 8; ++t) {
-    config.rows[t] = kRows;
+    config.rows[t] = 16;
     config.colsb[t] = 64;
   }
   _tile_loadconfig(&config);
@@ -139,8 +162,12 @@ VOKEN_AMX void run_blocks(const Problem& p, int64_t begin, int64_t end) {
   const int64_t query_blocks = (p.queries + kRows - 1) / kRows;
   const int dsteps = static_cast<int>(p.dq / 32);
   const int otiles = static_cast<int>(p.dv / 16);
+  const int64_t q_stride = p.dq * sizeof(bf16_bits);
   const int64_t k_stride = kp * 2 * sizeof(bf16_bits);
   const int64_t v_stride = p.dv * 2 * sizeof(bf16_bits);
+  constexpr int64_t kSStride = kChunk * sizeof(float);
+  constexpr int64_t kPStride = kChunk * sizeof(bf16_bits);
+  constexpr int64_t kOStride = 64 * sizeof(float);
   const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
   const float scale_log2e = p.scale * 1.44269504088896341f;
   const __m512 scale_log2e_v = _mm512_set1_ps(scale_log2e);
@@ -159,42 +186,34 @@ VOKEN_AMX void run_blocks(const Problem& p, int64_t begin, int64_t end) {
       row_max[r] = -INFINITY;
       _mm512_store_ps(lsum + r * 16, _mm512_setzero_ps());
     }
-    const bf16_bits* kv = p.packed_k.data() + bh * p.dq * kp;
-    const bf16_bits* vv = p.packed_v.data() + bh * kp * p.dv;
+    const bf16_bits* kv = p.packed_k.get() + bh * p.dq * kp;
+    const bf16_bits* vv = p.packed_v.get() + bh * kp * p.dv;
 
     for (int64_t k0 = 0; k0 < kp; k0 += kChunk) {
       const int64_t len = std::min<int64_t>(kChunk, kp - k0);  // a multiple of kKeys
       const int64_t valid = std::min<int64_t>(len, p.keys - k0);
 
       // 1. S = Q K^T.
-      for (int64_t j = 0; j < len; j += 64) {
-        const bool four = j + 64 <= len;
-        _tile_zero(2);
-        _tile_zero(3);
-        if (four) {
-          _tile_zero(4);
-          _tile_zero(5);
-        }
+      for (int64_t j = 0; j < len; j += kKeys) {
+        _tile_zero(4);
+        _tile_zero(5);
+        _tile_zero(6);
+        _tile_zero(7);
         for (int ds = 0; ds < dsteps; ++ds) {
-          _tile_loadd(0, qbuf + ds * 32, p.dq * sizeof(bf16_bits));
           const bf16_bits* kb = kv + (ds * 16 * kp + k0 + j) * 2;
-          _tile_loadd(1, kb, k_stride);
-          _tile_loadd(6, kb + 32, k_stride);
-          _tile_dpbf16ps(2, 0, 1);
-          _tile_dpbf16ps(3, 0, 6);
-          if (four) {
-            _tile_loadd(1, kb + 64, k_stride);
-            _tile_loadd(6, kb + 96, k_stride);
-            _tile_dpbf16ps(4, 0, 1);
-            _tile_dpbf16ps(5, 0, 6);
-          }
+          _tile_loadd(2, kb, k_stride);
+          _tile_loadd(0, qbuf + ds * 32, q_stride);
+          _tile_loadd(3, kb + 32, k_stride);
+          _tile_dpbf16ps(4, 0, 2);
+          _tile_dpbf16ps(5, 0, 3);
+          _tile_loadd(1, qbuf + 16 * p.dq + ds * 32, q_stride);
+          _tile_dpbf16ps(6, 1, 2);
+          _tile_dpbf16ps(7, 1, 3);
         }
-        _tile_stored(2, sbuf + j, kChunk * sizeof(float));
-        _tile_stored(3, sbuf + j + 16, kChunk * sizeof(float));
-        if (four) {
-          _tile_stored(4, sbuf + j + 32, kChunk * sizeof(float));
-          _tile_stored(5, sbuf + j + 48, kChunk * sizeof(float));
-        }
+        _tile_stored(4, sbuf + j, kSStride);
+        _tile_stored(5, sbuf + j + 16, kSStride);
+        _tile_stored(6, sbuf + 16 * kChunk + j, kSStride);
+        _tile_stored(7, sbuf + 16 * kChunk + j + 16, kSStride);
       }
 
       // 2. Online softmax: P = 2^((S - rowmax) * scale * log2 e); keys beyond `valid` masked.
@@ -231,54 +250,36 @@ VOKEN_AMX void run_blocks(const Problem& p, int64_t begin, int64_t end) {
         _mm512_store_ps(lsum + r * 16, acc);
       }
 
-      // 3. O += P V over the chunk's keys, 32 at a time.
-      constexpr int kOStride = 64 * sizeof(float);
-      _tile_loadd(4, obuf, kOStride);
-      _tile_loadd(5, obuf + 16, kOStride);
-      _tile_loadd(6, obuf + 32, kOStride);
-      _tile_loadd(7, obuf + 48, kOStride);
-      for (int64_t j = 0; j < len; j += kKeys) {
-        const bf16_bits* vb = vv + ((k0 + j) / 2) * p.dv * 2;
-        const bf16_bits* pa = pbuf + j;
-        const int64_t p_stride = kChunk * sizeof(bf16_bits);
-        if ((j / kKeys) % 2 == 0) {
-          _tile_loadd(0, pa, p_stride);
-          _tile_loadd(1, vb, v_stride);
-          _tile_dpbf16ps(4, 0, 1);
-          if (otiles > 1) {
-            _tile_loadd(2, vb + 32, v_stride);
-            _tile_dpbf16ps(5, 0, 2);
-          }
-          if (otiles > 2) {
-            _tile_loadd(1, vb + 64, v_stride);
-            _tile_dpbf16ps(6, 0, 1);
-          }
-          if (otiles > 3) {
-            _tile_loadd(2, vb + 96, v_stride);
-            _tile_dpbf16ps(7, 0, 2);
-          }
-        } else {
-          _tile_loadd(3, pa, p_stride);
-          _tile_loadd(1, vb, v_stride);
-          _tile_dpbf16ps(4, 3, 1);
-          if (otiles > 1) {
-            _tile_loadd(2, vb + 32, v_stride);
-            _tile_dpbf16ps(5, 3, 2);
-          }
-          if (otiles > 2) {
-            _tile_loadd(1, vb + 64, v_stride);
-            _tile_dpbf16ps(6, 3, 1);
-          }
-          if (otiles > 3) {
-            _tile_loadd(2, vb + 96, v_stride);
-            _tile_dpbf16ps(7, 3, 2);
+      // 3. O += P V over the chunk's keys, 32 at a time, 32 output columns per pass.
+      for (int t = 0; t < otiles; t += 2) {
+        const bool pair = t + 1 < otiles;
+        float* o = obuf + t * 16;
+        _tile_loadd(4, o, kOStride);
+        _tile_loadd(6, o + 16 * 64, kOStride);
+        if (pair) {
+          _tile_loadd(5, o + 16, kOStride);
+          _tile_loadd(7, o + 16 * 64 + 16, kOStride);
+        }
+        for (int64_t j = 0; j < len; j += kKeys) {
+          const bf16_bits* vb = vv + ((k0 + j) / 2 * p.dv + t * 16) * 2;
+          _tile_loadd(2, vb, v_stride);
+          _tile_loadd(0, pbuf + j, kPStride);
+          _tile_loadd(1, pbuf + 16 * kChunk + j, kPStride);
+          _tile_dpbf16ps(4, 0, 2);
+          _tile_dpbf16ps(6, 1, 2);
+          if (pair) {
+            _tile_loadd(3, vb + 32, v_stride);
+            _tile_dpbf16ps(5, 0, 3);
+            _tile_dpbf16ps(7, 1, 3);
           }
         }
+        _tile_stored(4, o, kOStride);
+        _tile_stored(6, o + 16 * 64, kOStride);
+        if (pair) {
+          _tile_stored(5, o + 16, kOStride);
+          _tile_stored(7, o + 16 * 64 + 16, kOStride);
+        }
       }
-      _tile_stored(4, obuf, kOStride);
-      _tile_stored(5, obuf + 16, kOStride);
-      _tile_stored(6, obuf + 32, kOStride);
-      _tile_stored(7, obuf + 48, kOStride);
     }
 
     const int64_t out_row = p.heads * p.head_dim;
@@ -335,8 +336,8 @@ at::Tensor fused_attention_bf16(const at::Tensor& q, const at::Tensor& k, const 
       at::empty({p.batch, p.queries, q.size(2)}, q.options().memory_format(at::MemoryFormat::Contiguous));
   p.out = reinterpret_cast<bf16_bits*>(out.data_ptr<at::BFloat16>());
   const int64_t groups = p.batch * p.heads;
-  p.packed_k.assign(groups * p.dq * p.keys_padded, 0);
-  p.packed_v.assign(groups * p.keys_padded * p.dv, 0);
+  p.packed_k.reset(new bf16_bits[groups * p.dq * p.keys_padded]);
+  p.packed_v.reset(new bf16_bits[groups * p.keys_padded * p.dv]);
   parallel_range(0, groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) pack_head(p, bh);
   });
