@@ -154,6 +154,9 @@ struct Job {
   Activation activation = Activation::None;
   void* out = nullptr;  // [M, N] with row stride ldo
   int64_t ldo = 0;
+  const void* residual = nullptr;  // [M, N] added after the activation, row stride ld_residual
+  bool residual_bf16 = false;
+  int64_t ld_residual = 0;
   float* accumulator = nullptr;  // [blocks * 32][m_blocks * 16] partial sums when K is split
   int64_t first_unit = 0;        // units (32-row blocks) of earlier jobs
 };
@@ -192,6 +195,12 @@ VOKEN_AMX void write_tile(const Problem& p, const Job& job, const float* c, int6
       v = simd::gelu16(v);
     else if (job.activation == Activation::GeluTanh)
       v = gelu_tanh16(v);
+    if (job.residual) {
+      const int64_t r = (token0 + t) * job.ld_residual + n0;
+      v = _mm512_add_ps(v, job.residual_bf16
+                               ? simd::load16(static_cast<const bf16_bits*>(job.residual) + r, columns)
+                               : _mm512_maskz_loadu_ps(columns, static_cast<const float*>(job.residual) + r));
+    }
     const int64_t offset = (token0 + t) * job.ldo + n0;
     if (p.out_bf16)
       simd::store16(static_cast<bf16_bits*>(job.out) + offset, v, columns);
@@ -526,11 +535,15 @@ VOKEN_AMX void attention_block(const AttentionProblem& p, int64_t unit, Attentio
       vmax =
           _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mask16(p.keys - c), srow + c));
     const __m512 row_max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    // exp(s - max) as 2^((s - max) log2 e) with a polynomial good to 3e-6 relative: the
+    // probabilities are rounded to bf16 (2^-9) right after.
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 shifted_max = _mm512_mul_ps(row_max, log2e);
     __m512 vsum = _mm512_setzero_ps();
     for (int64_t c = 0; c < p.keys; c += 16) {
       const __mmask16 m = mask16(p.keys - c);
-      const __m512 e =
-          _mm512_maskz_mov_ps(m, simd::exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, srow + c), row_max)));
+      const __m512 e = _mm512_maskz_mov_ps(
+          m, simd::exp2_fast16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, srow + c), log2e, shifted_max)));
       _mm512_storeu_ps(srow + c, e);
       vsum = _mm512_add_ps(vsum, e);
     }
@@ -620,6 +633,14 @@ std::vector<at::Tensor> amx_linear_many(const at::Tensor& x, const std::vector<A
     if (job.bias.defined() && (job.bias.numel() != w.size(0) || !job.bias.device().is_cpu()))
       throw ArgumentError("amx_linear: a bias has " + std::to_string(job.bias.numel()) + " values for " +
                           std::to_string(w.size(0)) + " outputs");
+    if (job.residual.defined()) {
+      auto expected = x.sizes().vec();
+      expected.back() = w.size(0);
+      if (!job.residual.sizes().equals(expected) || !job.residual.device().is_cpu() ||
+          (job.residual.scalar_type() != at::kFloat && job.residual.scalar_type() != at::kBFloat16))
+        throw ArgumentError(
+            "amx_linear: the residual must be a float32 or bfloat16 CPU tensor of the output's shape");
+    }
   }
 #ifdef VOKEN_HAVE_AMX_GEMM
   at::Tensor rows = x.reshape({-1, k});
@@ -635,6 +656,7 @@ std::vector<at::Tensor> amx_linear_many(const at::Tensor& x, const std::vector<A
     for (size_t i = 0; i < jobs.size(); ++i) {
       outputs[i].zero_();
       if (jobs[i].bias.defined() && m > 0) outputs[i].add_(jobs[i].bias.to(out_dtype));
+      if (jobs[i].residual.defined()) outputs[i].add_(jobs[i].residual);
     }
     return outputs;
   }
@@ -663,6 +685,14 @@ std::vector<at::Tensor> amx_linear_many(const at::Tensor& x, const std::vector<A
     job.activation = jobs[i].activation;
     job.out = outputs[i].data_ptr();
     job.ldo = job.n;
+    if (jobs[i].residual.defined()) {
+      at::Tensor residual = jobs[i].residual.reshape({m, job.n});
+      if (residual.stride(1) != 1 && job.n > 1) residual = residual.contiguous();
+      keep_alive.push_back(residual);
+      job.residual = residual.data_ptr();
+      job.residual_bf16 = residual.scalar_type() == at::kBFloat16;
+      job.ld_residual = residual.stride(0);
+    }
     const int64_t blocks = (job.n + 31) / 32;
     if (passes > 1) {
       keep_alive.push_back(at::empty({blocks * 32, p.m_blocks * 16}, at::kFloat));
@@ -704,8 +734,8 @@ std::vector<at::Tensor> amx_linear_many(const at::Tensor& x, const std::vector<A
 }
 
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                      at::ScalarType out_dtype, Activation activation) {
-  return amx_linear_many(x, {AmxLinearJob{weight, bias, activation}}, out_dtype).front();
+                      at::ScalarType out_dtype, Activation activation, const at::Tensor& residual) {
+  return amx_linear_many(x, {AmxLinearJob{weight, bias, activation, residual}}, out_dtype).front();
 }
 
 at::Tensor amx_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,

@@ -9,7 +9,8 @@
 // exactly an AMX "A" tile, so the product is computed transposed, y^T = W x^T, with x packed
 // once per call into the pair-interleaved layout of the "B" tiles (small: tokens x in). The
 // 16 x 16 float32 result tiles are transposed back on the way out, where bias, activation and
-// the output rounding happen too.
+// the output rounding happen too (and an optional residual is added, so that x + f(x) is rounded
+// once).
 //
 // Several weights that share the same input (q/k/v, gate/up) can be computed in one call: x is
 // packed once and all their row blocks are handed out to the threads from one shared counter,
@@ -35,6 +36,7 @@ struct AmxLinearJob {
   at::Tensor weight;  // [N, K] bfloat16, unit stride along K (any row stride)
   at::Tensor bias;    // [N] any float dtype, or undefined
   Activation activation = Activation::None;
+  at::Tensor residual;  // of the output's shape (float32 or bf16), added last, or undefined
 };
 
 // For every job: x [..., K] (float32 or bf16, CPU) times weight^T -> [..., N] in out_dtype
@@ -43,7 +45,8 @@ std::vector<at::Tensor> amx_linear_many(const at::Tensor& x, const std::vector<A
                                         at::ScalarType out_dtype);
 
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias = {},
-                      at::ScalarType out_dtype = at::kFloat, Activation activation = Activation::None);
+                      at::ScalarType out_dtype = at::kFloat, Activation activation = Activation::None,
+                      const at::Tensor& residual = {});
 
 // Multi-head attention for bf16 activations (the vision encoder's): softmax((q * scale) k^T) v
 // per head, q [B, Tq, heads * D], k and v [B, Tk, heads * D] (unit stride in the last dimension,

@@ -221,7 +221,7 @@ std::vector<at::Tensor> dense_many(const at::Tensor& x, const std::vector<at::Te
     ys = streaming_bf16_linear_many(rows.to(at::kFloat).contiguous(), weights);
   } else if (rows.size(0) > kStreamingKernelMaxRows && core::has_amx_bf16()) {
     std::vector<core::AmxLinearJob> jobs;
-    for (const auto& w : weights) jobs.push_back({w, {}, core::Activation::None});
+    for (const auto& w : weights) jobs.push_back({w, {}, core::Activation::None, {}});
     ys = core::amx_linear_many(rows, jobs, at::kFloat);
   } else {
     for (const auto& w : weights) ys.push_back(dense(x, w));

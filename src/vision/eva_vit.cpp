@@ -9,6 +9,7 @@
 #include <string>
 
 #include "core/amx_gemm.h"
+#include "core/bf16_ops.h"
 #include "io/tensor_bytes.h"
 #include "voken/error.h"
 
@@ -220,23 +221,26 @@ EvaVit::EvaVit(const EvaVitConfig& config, io::WeightLoader& weights) {
 at::Tensor EvaVit::block_forward(const Block& block, const at::Tensor& x) const {
   const int64_t batch = x.size(0), tokens = x.size(1);
   // bf16 weights on an AMX CPU: the products run in core::amx_linear (weights read in place, no
-  // per-call repacking as in at::linear/oneDNN), the LayerNorm output goes in as float32 and is
-  // rounded to bf16 while being packed (as .to(bf16) would round it), and fc1's GELU is applied
-  // to the float32 sums before the single rounding.
+  // per-call repacking as in at::linear/oneDNN), fc1's GELU and the residual additions are applied
+  // to the float32 sums before the single rounding, the LayerNorms run in core::layer_norm_bf16
+  // (float32 inside, rounded to bf16 as layer_norm_float32 rounds) and attention in
+  // core::amx_attention.
   const bool amx = x.scalar_type() == at::kBFloat16 && block.qkv_weight.scalar_type() == at::kBFloat16 &&
                    core::has_amx_bf16();
   auto norm = [&](const at::Tensor& in, const at::Tensor& weight, const at::Tensor& bias) {
-    return amx ? at::layer_norm(in.to(at::kFloat), {in.size(-1)}, weight, bias, eps_)
-               : layer_norm_float32(in, weight, bias, eps_);
+    return amx ? core::layer_norm_bf16(in, weight, bias, eps_) : layer_norm_float32(in, weight, bias, eps_);
   };
+  // activation(in W^T + bias) + residual.
   auto linear = [&](const at::Tensor& in, const at::Tensor& weight, const at::Tensor& bias,
-                    core::Activation activation = core::Activation::None) {
-    if (amx) return core::amx_linear(in, weight, bias, at::kBFloat16, activation);
-    const auto y = at::linear(in, weight, bias);
-    return activation == core::Activation::GeluErf ? at::gelu(y) : y;  // exact erf GELU (nn.GELU)
+                    core::Activation activation, const at::Tensor& residual) {
+    if (amx) return core::amx_linear(in, weight, bias, at::kBFloat16, activation, residual);
+    auto y = at::linear(in, weight, bias);
+    if (activation == core::Activation::GeluErf) y = at::gelu(y);  // exact erf GELU (nn.GELU)
+    return residual.defined() ? residual + y : y;
   };
+  const auto none = core::Activation::None;
   auto h = norm(x, block.norm1_weight, block.norm1_bias);
-  const auto qkv_rows = linear(h, block.qkv_weight, block.qkv_bias);  // [B, T, 3 * heads * head_dim]
+  const auto qkv_rows = linear(h, block.qkv_weight, block.qkv_bias, none, {});  // [B, T, 3 * width]
   const int64_t attn_width = num_heads_ * head_dim_;
   at::Tensor context;
   if (amx && core::amx_attention_supported(head_dim_, tokens)) {
@@ -257,11 +261,10 @@ at::Tensor EvaVit::block_forward(const Block& block, const at::Tensor& x) const 
     const auto probs = at::softmax(at::matmul(q, qkv[1].transpose(-2, -1)), -1);
     context = at::matmul(probs, qkv[2]).transpose(1, 2).reshape({batch, tokens, attn_width});
   }
-  auto out = x + linear(context, block.proj_weight, block.proj_bias);
+  const auto out = linear(context, block.proj_weight, block.proj_bias, none, x);
   h = norm(out, block.norm2_weight, block.norm2_bias);
-  h = linear(h, block.fc1_weight, block.fc1_bias, core::Activation::GeluErf);
-  out.add_(linear(h, block.fc2_weight, block.fc2_bias));
-  return out;
+  h = linear(h, block.fc1_weight, block.fc1_bias, core::Activation::GeluErf, {});
+  return linear(h, block.fc2_weight, block.fc2_bias, none, out);
 }
 
 at::Tensor EvaVit::forward(const at::Tensor& pixels) const {

@@ -7,6 +7,7 @@
 #include <regex>
 
 #include "core/amx_gemm.h"
+#include "core/bf16_ops.h"
 #include "io/tensor_bytes.h"
 #include "vision/eva_vit.h"
 #include "voken/error.h"
@@ -24,7 +25,11 @@ std::string escape_regex(const std::string& text) {
   return std::regex_replace(text, special, R"(\$&)");
 }
 
+// float32 LayerNorm; bf16 activations through core::layer_norm_bf16 (the same float32 computation
+// and rounding, without libtorch's separate conversion passes).
 at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  if (x.scalar_type() == at::kBFloat16 && x.device().is_cpu())
+    return core::layer_norm_bf16(x, weight, bias, eps);
   return layer_norm_float32(x, weight, bias, eps);
 }
 

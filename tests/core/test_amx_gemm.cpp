@@ -14,6 +14,7 @@
 #include <cmath>
 
 #include "core/amx_gemm.h"
+#include "core/bf16_ops.h"
 #include "voken/error.h"
 
 namespace voken::core {
@@ -97,7 +98,7 @@ TEST_F(AmxGemm, SeveralWeightsInOneCall) {
   const auto x = at::randn({45, 96});
   std::vector<AmxLinearJob> jobs;
   for (int64_t n : {96, 48, 48, 7})
-    jobs.push_back({(at::randn({n, 96}) * 0.1).to(at::kBFloat16), at::randn({n})});
+    jobs.push_back({(at::randn({n, 96}) * 0.1).to(at::kBFloat16), at::randn({n}), Activation::None, {}});
   jobs[1].activation = Activation::GeluErf;
   for (int threads : {1, 2}) {
     at::set_num_threads(threads);
@@ -106,6 +107,26 @@ TEST_F(AmxGemm, SeveralWeightsInOneCall) {
     for (size_t i = 0; i < jobs.size(); ++i)
       expect_close(ys[i], x, jobs[i].weight, jobs[i].bias, jobs[i].activation, "job " + std::to_string(i));
   }
+}
+
+TEST_F(AmxGemm, ResidualIsAddedBeforeTheRounding) {
+  at::manual_seed(8);
+  const auto x = at::randn({3, 50, 64});
+  const auto w = (at::randn({40, 64}) * 0.1).to(at::kBFloat16);
+  const auto bias = at::randn({40});
+  for (auto dtype : {at::kFloat, at::kBFloat16}) {
+    const auto residual = at::randn({3, 50, 40}).to(dtype);
+    const auto got = amx_linear(x, w, bias, at::kBFloat16, Activation::GeluErf, residual);
+    // Reference: float64 of the same bf16-rounded x, the residual added, then one bf16 rounding.
+    const auto ref =
+        at::gelu(at::linear(x.to(at::kBFloat16).to(at::kDouble), w.to(at::kDouble), bias.to(at::kDouble))) +
+        residual.to(at::kDouble);
+    const auto bound = at::linear(x.to(at::kBFloat16).to(at::kDouble).abs(), w.to(at::kDouble).abs()) *
+                           (64 * std::ldexp(1.0, -24) * 1.13) +
+                       ref.abs() * std::ldexp(1.0, -8) + 1e-6;
+    EXPECT_LE(((got.to(at::kDouble) - ref).abs() / bound).max().item<double>(), 1.0) << c10::toString(dtype);
+  }
+  EXPECT_THROW(amx_linear(x, w, bias, at::kFloat, Activation::None, at::randn({3, 50, 41})), ArgumentError);
 }
 
 TEST_F(AmxGemm, EmptyInputGivesEmptyOutput) {
@@ -174,6 +195,26 @@ TEST_F(AmxGemm, RejectsBadArguments) {
   EXPECT_THROW(amx_linear(x, at::randn({8, 32}).to(at::kBFloat16), at::randn({7})), ArgumentError);
   EXPECT_THROW(amx_linear(x.to(at::kDouble), at::randn({8, 32}).to(at::kBFloat16)), ArgumentError);
   EXPECT_THROW(amx_linear(x, at::randn({8, 32}).to(at::kBFloat16), {}, at::kDouble), ArgumentError);
+}
+
+// layer_norm_bf16 equals at::layer_norm in float32 rounded to bf16, up to one bf16 step where the
+// float32 results differ in the last bits (different summation orders).
+TEST(Bf16Ops, LayerNormMatchesFloat32LayerNorm) {
+  at::manual_seed(9);
+  for (int64_t channels : {1, 7, 16, 100, 1408}) {
+    const auto x = (at::randn({5, 33, channels}) * 3 + 1).to(at::kBFloat16);
+    const auto weight = at::randn({channels}), bias = at::randn({channels});
+    const auto got = layer_norm_bf16(x, weight, bias, 1e-6);
+    const auto ref = at::layer_norm(x.to(at::kFloat), {channels}, weight, bias, 1e-6);
+    ASSERT_EQ(got.scalar_type(), at::kBFloat16);
+    const auto step = ref.abs() * std::ldexp(1.0, -8) + 1e-6;
+    EXPECT_LE(((got.to(at::kFloat) - ref).abs() / step).max().item<double>(), 1.0) << channels;
+    // Strided rows (a view) give the same result.
+    const auto wide = at::cat({x, x}, -1).narrow(-1, 0, channels);
+    EXPECT_TRUE(at::equal(layer_norm_bf16(wide, weight, bias, 1e-6), got));
+  }
+  EXPECT_THROW(layer_norm_bf16(at::randn({2, 4}), {}, {}, 1e-5), ArgumentError);
+  EXPECT_THROW(layer_norm_bf16(at::randn({2, 4}).to(at::kBFloat16), at::ones({3}), {}, 1e-5), ArgumentError);
 }
 
 }  // namespace
