@@ -428,16 +428,22 @@ void packed_linear_into(const at::Tensor& x, const PackedGemmWeight& weight, at:
   linear_rows(x, weight, rows, rows);
 }
 
-at::Tensor packed_conv2d(const at::Tensor& x, const PackedGemmWeight& weight, const at::Tensor& residual) {
+at::Tensor packed_conv2d(const at::Tensor& x, const PackedGemmWeight& weight, const at::Tensor& residual,
+                         bool upsample_2x) {
   check_input(x, "packed_conv2d");
   if (weight.geglu) throw ArgumentError("packed_conv2d: a GEGLU projection is not a convolution");
   if (x.dim() != 4 || x.size(1) != weight.in_channels)
     throw ArgumentError("packed_conv2d: input " + shape_of(x) + " does not have " +
                         std::to_string(weight.in_channels) + " channels");
-  const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
   const int64_t n = weight.out_features, kernel = weight.kernel;
   const bool nchw_out = x.is_contiguous() && !x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor input = x.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor input = x.contiguous(at::MemoryFormat::ChannelsLast);
+  if (upsample_2x && kernel == 1) {
+    input = at::upsample_nearest2d(input, {2 * x.size(2), 2 * x.size(3)});
+    upsample_2x = false;
+  }
+  const int64_t batch = x.size(0), channels = x.size(1), height = input.size(2) * (upsample_2x ? 2 : 1),
+                width = input.size(3) * (upsample_2x ? 2 : 1);
   const at::Tensor res =
       checked_residual(residual, {batch, n, height, width}, at::MemoryFormat::ChannelsLast, "packed_conv2d");
   if (kernel == 1) {
@@ -451,10 +457,11 @@ at::Tensor packed_conv2d(const at::Tensor& x, const PackedGemmWeight& weight, co
   at::Tensor out =
       at::empty({batch, n, height, width}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return nchw_out ? out.contiguous() : out;
-  // Zero-padded NHWC copy. GEMM rows of image b are its padded-width rows y in [0, H) (x in
-  // [0, W + k - 1), the last k - 1 columns computed and dropped) so that every tile is 16
-  // consecutive padded pixels and every tap a constant shift; slack past the end covers the last
-  // tile's reads.
+  // Zero-padded NHWC copy (of the 2x nearest-upsampled input when asked: each source pixel is
+  // written twice into two rows, and the upsampled tensor never exists). GEMM rows of image b are its
+  // padded-width rows y in [0, H) (x in [0, W + k - 1), the last k - 1 columns computed and dropped) so that
+  // every tile is 16 consecutive padded pixels and every tap a constant shift; slack past the end covers the
+  // last tile's reads.
   const int64_t pad = (kernel - 1) / 2;
   const int64_t padded_h = height + 2 * pad, padded_w = width + 2 * pad;
   const int64_t image_rows = height * padded_w, image_tiles = (image_rows + 15) / 16;
@@ -471,8 +478,18 @@ at::Tensor packed_conv2d(const at::Tensor& x, const PackedGemmWeight& weight, co
         continue;
       }
       std::memset(dst, 0, pad * channels * sizeof(bf16_bits));
-      std::memcpy(dst + pad * channels, xp + (b * height + y) * width * channels,
-                  width * channels * sizeof(bf16_bits));
+      if (upsample_2x) {
+        const int64_t source_width = width / 2;
+        const bf16_bits* src = xp + (b * (height / 2) + y / 2) * source_width * channels;
+        for (int64_t col = 0; col < source_width; ++col) {
+          std::memcpy(dst + (pad + 2 * col) * channels, src + col * channels, channels * sizeof(bf16_bits));
+          std::memcpy(dst + (pad + 2 * col + 1) * channels, src + col * channels,
+                      channels * sizeof(bf16_bits));
+        }
+      } else {
+        std::memcpy(dst + pad * channels, xp + (b * height + y) * width * channels,
+                    width * channels * sizeof(bf16_bits));
+      }
       std::memset(dst + (pad + width) * channels, 0, pad * channels * sizeof(bf16_bits));
     }
   });
@@ -504,7 +521,7 @@ at::Tensor packed_linear(const at::Tensor&, const PackedGemmWeight&, const at::T
 void packed_linear_into(const at::Tensor&, const PackedGemmWeight&, at::Tensor&) {
   throw ArgumentError("packed_linear_into: not built for this compiler/platform");
 }
-at::Tensor packed_conv2d(const at::Tensor&, const PackedGemmWeight&, const at::Tensor&) {
+at::Tensor packed_conv2d(const at::Tensor&, const PackedGemmWeight&, const at::Tensor&, bool) {
   throw ArgumentError("packed_conv2d: not built for this compiler/platform");
 }
 

@@ -65,9 +65,10 @@ void packed_linear_into(const at::Tensor& x, const PackedGemmWeight& weight, at:
 
 // Stride-1 convolution with padding (kernel-1)/2 (+ residual): x bfloat16 [B, C, H, W] (any memory
 // order), residual bfloat16 [B, N, H, W] or undefined. Returns bfloat16 [B, N, H, W] in x's
-// memory order (channels-last unless x is NCHW-contiguous).
+// memory order (channels-last unless x is NCHW-contiguous). `upsample_2x`: the convolution of
+// x's 2x nearest-neighbour upsampling ([B, N, 2H, 2W]; Upsample2D), without materialising it.
 at::Tensor packed_conv2d(const at::Tensor& x, const PackedGemmWeight& weight,
-                         const at::Tensor& residual = at::Tensor());
+                         const at::Tensor& residual = at::Tensor(), bool upsample_2x = false);
 
 // Unpacks to W [N, K] bfloat16 (and bias): for tests.
 at::Tensor unpack_gemm_weight(const PackedGemmWeight& weight);

@@ -292,6 +292,9 @@ at::Tensor Upsample2D::operator()(const at::Tensor& x,
   // floor(dst * in / out); for exactly twice the input that equals scale_factor=2's floor(dst / 2).
   const std::vector<int64_t> out_size = size ? std::vector<int64_t>{size->first, size->second}
                                              : std::vector<int64_t>{2 * x.size(2), 2 * x.size(3)};
+  if (conv.packed && x.scalar_type() == at::kBFloat16 && out_size[0] == 2 * x.size(2) &&
+      out_size[1] == 2 * x.size(3))
+    return packed_conv2d(x, *conv.packed, at::Tensor(), /*upsample_2x=*/true);
   return conv(at::upsample_nearest2d(x, out_size));
 }
 

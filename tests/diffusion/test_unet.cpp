@@ -720,6 +720,13 @@ TEST(PackedGemm, ConvolutionsMatchFloat64InBothLayouts) {
           << c.cin << "->" << c.cout << " " << c.height << "x" << c.width << " k" << c.kernel << " cl "
           << channels_last;
       EXPECT_LT(max_abs_diff(packed_conv2d(in, *packed, residual), ref_res), bf16_tolerance(ref_res));
+      // Nearest 2x upsampling fused into the padded copy (Upsample2D).
+      const at::Tensor up = at::upsample_nearest2d(x.to(at::kDouble), {2 * c.height, 2 * c.width});
+      const at::Tensor ref_up = at::conv2d(up, w.to(at::kDouble), b.to(at::kDouble), 1, pad);
+      const at::Tensor y_up = packed_conv2d(in, *packed, at::Tensor(), /*upsample_2x=*/true);
+      EXPECT_EQ(y_up.sizes(), ref_up.sizes());
+      EXPECT_LT(max_abs_diff(y_up, ref_up), bf16_tolerance(ref_up))
+          << "upsampled " << c.height << "x" << c.width;
     }
   }
   const auto packed = pack_gemm_weight(bf16({32, 32, 3, 3}), at::Tensor());
