@@ -13,6 +13,12 @@
 //             steps; printed: load time, the StageTimings, prompt positions, tokens generated,
 //             prefill and decode rates, seconds per denoising step, peak RSS (VmHWM) against the
 //             weight bytes on disk.
+// Measured on this 2-core AMX machine, quiet (load < 0.5), 2 threads, seed 0, 50 steps, 512x512:
+//   real shape: write 19.2 GB in 254 s (writer peak RSS 2.4 GB); load 22 s (page cache warm;
+//   84 s cold under load); encode_images 1.9 s, prefill 115 positions 9.9 s, decode 1.09 s/token
+//   (64 tokens), mapping 0.3 s, diffusion 2.2 s/step + VAE 3.0 s; total 197 s; peak RSS 22.2 GB
+//   (mapped weight pages included) against 19.2 GB of files.
+//   tiny shape: 1.5 s per denoising step at 512x512 (float32 64x64 latents), the rest < 0.3 s.
 // The text is random-weight text (the response is printed, labelled as such). A bundle already
 // present in --dir (bundle.json) is reused instead of written again.
 //
