@@ -35,7 +35,7 @@
 //                 1.1B prefill 5 -> 22 tokens/s, decode/bound 2.4 -> 1.2). On an idle machine spinning
 //                 is the faster choice.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include <ATen/Parallel.h>  // set_num_threads
 #include <c10/core/InferenceMode.h>
 #include <immintrin.h>
 #include <sys/resource.h>
@@ -57,6 +57,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "core/parallel.h"
 #include "io/json_file.h"
 #include "io/safetensors.h"
 #include "llm/linear.h"
@@ -201,12 +202,10 @@ double read_bandwidth(const std::vector<std::pair<const uint8_t*, std::size_t>>&
   double best = 0;
   volatile uint64_t sink = 0;
   for (int pass = 0; pass < passes; ++pass) {
-    std::vector<uint64_t> partial(static_cast<std::size_t>(at::get_num_threads()) + 1, 0);
+    std::vector<uint64_t> partial(chunks.size(), 0);
     const auto start = std::chrono::steady_clock::now();
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-      uint64_t s = 0;
-      for (int64_t c = begin; c < end; ++c) s += sum_words(chunks[c].first, chunks[c].second);
-      partial[static_cast<std::size_t>(at::get_thread_num())] += s;
+    voken::core::parallel_items(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
+      partial[static_cast<std::size_t>(c)] = sum_words(chunks[c].first, chunks[c].second);
     });
     const double seconds = seconds_since(start);
     for (auto s : partial) sink = sink + s;

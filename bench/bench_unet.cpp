@@ -37,6 +37,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/amx.h"
 #include "diffusion/amx_gemm.h"
 #include "diffusion/attention_kernels.h"
 #include "diffusion/nn_blocks.h"
@@ -603,7 +604,9 @@ void breakdown(int reps, at::ScalarType dtype) {
   ts.use_linear_projection = true;
   auto transformer = random_block<Transformer2D>(
       [&](io::WeightLoader& l) { return Transformer2D::load(l, "t.", 320, ts); }, bf16);
+  // Plain copies taken before pack(), which releases the weights it packs.
   const Linear qkv_onednn = *transformer.blocks[0].attn1.qkv;
+  const Linear ff_in_plain = transformer.blocks[0].ff_in;
   if (options.packed_weights) transformer.pack();
   show("Transformer2D 320, 5 heads", transformer_flops(2, 64, 64, 320, 1, 77, 1024),
        [&] { transformer(x, context, options); });
@@ -612,7 +615,7 @@ void breakdown(int reps, at::ScalarType dtype) {
   const at::Tensor qkv = (*block.attn1.qkv)(tokens);
   const at::Tensor q = qkv.narrow(-1, 0, 320), k = qkv.narrow(-1, 320, 320), v = qkv.narrow(-1, 640, 320);
   const double attention_flops = 2 * 2.0 * 2 * 4096.0 * 4096 * 320;
-  if (dtype == at::kBFloat16 && has_amx_bf16())
+  if (dtype == at::kBFloat16 && voken::core::has_amx_bf16())
     show("  self-attention core, fused (4096 tokens)", attention_flops,
          [&] { multi_head_attention(q, k, v, 5, 0.125, false, options.attention_max_scores, true); });
   show("  self-attention core, chunked", attention_flops,
@@ -621,8 +624,11 @@ void breakdown(int reps, at::ScalarType dtype) {
   if (block.attn1.qkv->packed)
     show("  qkv projection through oneDNN (not packed)", 2.0 * 8192 * 320 * 960, [&] { qkv_onednn(tokens); });
   show("  layer norm", 0, [&] { block.norm1(tokens); });
-  const at::Tensor projected = block.ff_in(tokens);
-  show("  feed-forward in (8192x320 -> 2560)", 2.0 * 8192 * 320 * 2560, [&] { block.ff_in(tokens); });
+  const at::Tensor projected = ff_in_plain(tokens);
+  if (block.ff_geglu)
+    show("  feed-forward in + GEGLU, fused (packed)", 2.0 * 8192 * 320 * 2560,
+         [&] { packed_linear(tokens, *block.ff_geglu); });
+  show("  feed-forward in (8192x320 -> 2560), plain", 2.0 * 8192 * 320 * 2560, [&] { ff_in_plain(tokens); });
   show("  GEGLU", 0, [&] { geglu(projected); });
   show("  residual add", 0, [&] { tokens + tokens; });
 
@@ -680,6 +686,7 @@ void report(const char* what, at::ScalarType dtype, std::pair<double, double> t,
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress visible live, and kept if a step aborts
   int threads = 2, reps = 3;
   int64_t latent = 64;
   bool skip_fp32 = false;

@@ -164,7 +164,9 @@ struct GenerateResult {
 struct LoadOptions {
   std::string dtype;   // "" (manifest's, default "bfloat16"), "float32" or "bfloat16" for every part
   std::string device;  // "" (manifest's, default "cpu"), "cpu", "cuda", "cuda:N" (needs a CUDA libtorch)
-  int num_threads = 0;  // > 0: libtorch's intra-op threads (at::set_num_threads)
+  // libtorch's intra-op threads (at::set_num_threads), process-wide: > 0 exactly that many; 0
+  // $OMP_NUM_THREADS when set, else one per core.
+  int num_threads = 0;
   bool load_diffusion = true;  // false: text-only pipeline (images can be read, not drawn)
 };
 

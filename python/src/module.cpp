@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 
 #include "bindings.h"
+#include "core/parallel.h"
 #include "voken/version.h"
 
 namespace py = pybind11;
@@ -24,6 +25,14 @@ PYBIND11_MODULE(_voken, m) {
         return d;
       },
       "Version of voken, the libtorch it was built with, and runtime threading facts.");
+  m.def(
+      "set_num_threads", [](int threads) { voken::core::set_intra_op_threads(threads, "num_threads"); },
+      py::arg("num_threads") = 0,
+      "Sets libtorch's intra-op threads for this process: > 0 exactly that many; 0 $OMP_NUM_THREADS "
+      "when set, else one per core (what importing voken does).");
+  // Debian's libtorch starts with one thread on some multi-core machines: use the cores unless
+  // OMP_NUM_THREADS says otherwise.
+  voken::core::set_intra_op_threads(0, "num_threads");
   voken::python::bind_io(
       m.def_submodule("io", "Checkpoint files: safetensors, torch.save zips, state dicts."));
   // The components, for users who need one part (the voken package re-exports them).

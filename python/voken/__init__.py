@@ -41,6 +41,7 @@ from ._voken import (  # noqa: F401
     minigpt5_added_tokens,
     preprocess,
     save_image,
+    set_num_threads,
 )
 from ._images import ImageFile, Text  # noqa: F401
 from .pipeline import GenerationResult, Pipeline  # noqa: F401
@@ -50,6 +51,7 @@ from .bundle import write_random_bundle  # noqa: F401
 __all__ = [
     "__version__",
     "build_info",
+    "set_num_threads",
     "io",
     # Errors.
     "Error",

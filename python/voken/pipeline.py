@@ -147,7 +147,8 @@ class Pipeline:
 
         device: None (the manifest's, default "cpu"), "cpu", "cuda", "cuda:N".
         dtype: None (the manifest's, default "bfloat16"), "float32" or "bfloat16", for every part.
-        num_threads: > 0 sets libtorch's intra-op threads.
+        num_threads: libtorch's intra-op threads (process-wide); 0: $OMP_NUM_THREADS
+                when set, else one per core.
         load_diffusion: False loads a text-only pipeline (images are read, not drawn).
         Every part is checked before any weight is loaded; the problems come in one exception
         (FileNotFoundError, or voken.ConfigError / voken.WeightsError, both ValueErrors).

@@ -10,7 +10,6 @@
 #include <map>
 #include <regex>
 #include <sstream>
-#include <thread>
 
 #include "cli/args.h"
 #include "cli/commands.h"
@@ -298,13 +297,8 @@ int run_generation(const GenerateCommand& command) {
   ProgressDisplay progress = ProgressDisplay::for_stream(stderr, command.quiet);
   const auto manifest = pipeline::BundleManifest::read(manifest_path);
   progress.log("loading " + manifest_path + (manifest.random_weights ? " (random weights)" : ""));
-  LoadOptions load = command.load;
-  // Debian's libtorch starts with one intra-op thread on some machines; a command line run
-  // should use the cores it has unless told otherwise.
-  if (load.num_threads == 0 && !std::getenv("OMP_NUM_THREADS"))
-    load.num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const auto load_start = Clock::now();
-  const Pipeline pipeline = Pipeline::load(manifest_path, load);
+  const Pipeline pipeline = Pipeline::load(manifest_path, command.load);
   const double load_seconds = std::chrono::duration<double>(Clock::now() - load_start).count();
   progress.log("loaded in " + seconds(load_seconds));
 

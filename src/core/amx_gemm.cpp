@@ -1,7 +1,6 @@
 #include "core/amx_gemm.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
@@ -13,6 +12,9 @@
 #include <string>
 #include <type_traits>
 
+#include "core/amx.h"
+#include "core/parallel.h"
+#include "core/simd_avx512.h"
 #include "core/work_ranges.h"
 #include "voken/error.h"
 
@@ -20,63 +22,12 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__linux__)
-#define VOKEN_HAVE_AMX_GEMM 1
-#include <cpuid.h>
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#include "diffusion/simd_avx512.h"
-#define VOKEN_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-#endif
-
 namespace voken::core {
 
-#ifdef VOKEN_HAVE_AMX_GEMM
+#ifdef VOKEN_HAVE_AMX
 namespace {
 
 using bf16_bits = uint16_t;
-namespace simd = voken::diffusion::simd;
-
-bool detect_amx_bf16() {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))) return false;  // OSXSAVE
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  const bool avx512 = (ebx & (1u << 16)) && (ebx & (1u << 30)) && (ebx & (1u << 17)) && (ebx & (1u << 31));
-  const bool amx = (edx & (1u << 24)) && (edx & (1u << 22));  // AMX-TILE, AMX-BF16
-  if (!avx512 || !amx) return false;
-  if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !(eax & (1u << 5))) return false;  // AVX512-BF16
-  uint32_t xcr0_lo = 0, xcr0_hi = 0;
-  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
-  const uint32_t avx512_state = 0xE6;                   // SSE, AVX, opmask, ZMM halves
-  const uint32_t tile_state = (1u << 17) | (1u << 18);  // XTILECFG, XTILEDATA
-  if ((xcr0_lo & avx512_state) != avx512_state || (xcr0_lo & tile_state) != tile_state) return false;
-  // Linux hands out the (large) tile state only to processes that ask for it.
-  constexpr long kArchReqXcompPerm = 0x1023;
-  constexpr long kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 0;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Every tile is a full 16 x 64-byte tile: C (float32 16 x 16) in 0-3, A (16 weight rows x 32
-// inputs) in 4-5, B (16 input pairs x 16 tokens x 2) in 6-7.
-VOKEN_AMX void load_tile_config() {
-  TileConfig config;
-  config.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
-  }
-  _tile_loadconfig(&config);
-}
 
 // One 64-byte tile row (a cache line) per step of 32 inputs.
 constexpr int64_t kStep = 32;
@@ -108,13 +59,6 @@ VOKEN_AMX inline void transpose16(__m512 r[16]) {
   }
 }
 
-inline __mmask16 mask16(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
-}
-inline __mmask32 mask32(int64_t n) {
-  return n >= 32 ? __mmask32(0xFFFFFFFFu) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1u);
-}
-
 // x [M, K] (row stride ldx) -> blocks [M/16][K/32][16 pairs][16 tokens][2] bf16 (rounded to
 // nearest even), zero padded, for the token blocks [mb_begin, mb_end).
 template <typename T>
@@ -132,11 +76,11 @@ VOKEN_AMX void pack_x(const T* x, int64_t ldx, int64_t m, int64_t k, int64_t k_s
         }
         const T* p = x + token * ldx + k0;
         if constexpr (std::is_same_v<T, float>) {
-          const __m512 lo = _mm512_maskz_loadu_ps(mask16(k - k0), p);
-          const __m512 hi = _mm512_maskz_loadu_ps(mask16(k - k0 - 16), p + 16);
+          const __m512 lo = _mm512_maskz_loadu_ps(simd::tail_mask(k - k0), p);
+          const __m512 hi = _mm512_maskz_loadu_ps(simd::tail_mask(k - k0 - 16), p + 16);
           rows[t] = (__m512)_mm512_cvtne2ps_pbh(hi, lo);
         } else {
-          rows[t] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask32(k - k0), p));
+          rows[t] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(simd::tail_mask32(k - k0), p));
         }
       }
       transpose16(rows);
@@ -186,7 +130,7 @@ VOKEN_AMX void write_tile(const Problem& p, const Job& job, const float* c, int6
   __m512 rows[16];
   for (int i = 0; i < 16; ++i) rows[i] = _mm512_load_ps(c + i * 16);
   transpose16(rows);
-  const __mmask16 columns = mask16(job.n - n0);
+  const __mmask16 columns = simd::tail_mask(job.n - n0);
   const __m512 bias = job.bias ? _mm512_maskz_loadu_ps(columns, job.bias + n0) : _mm512_setzero_ps();
   const int64_t tokens = std::min<int64_t>(16, p.m - token0);
   for (int64_t t = 0; t < tokens; ++t) {
@@ -300,7 +244,7 @@ VOKEN_AMX void pack_panel(const bf16_bits* w, int64_t ldw, int64_t rows, int64_t
     if (full < steps)
       _mm512_store_si512(
           dst + full * NA * 512,
-          _mm512_maskz_loadu_epi16(mask32(k_end - k_begin - full * kStep), src + full * kStep));
+          _mm512_maskz_loadu_epi16(simd::tail_mask32(k_end - k_begin - full * kStep), src + full * kStep));
   }
 }
 
@@ -413,7 +357,7 @@ VOKEN_AMX void run_unit(const Problem& p, int64_t unit, int64_t next_unit, int64
 
 VOKEN_AMX void run_units(const Problem& p, WorkRanges& ranges, int64_t thread, int64_t step_begin,
                          int64_t step_end) {
-  load_tile_config();
+  amx::configure_full_tiles();
   Scratch scratch;
   for (int64_t u = ranges.next(thread); u >= 0; u = ranges.next(thread))
     run_unit(p, u, ranges.peek(thread), step_begin, step_end, scratch);
@@ -456,7 +400,7 @@ VOKEN_AMX void pack_v(const AttentionProblem& p, const bf16_bits* v, bf16_bits* 
       const int64_t key = ks * 32 + 2 * i;
       for (int64_t db = 0; db < p.d_blocks; ++db) {
         const int64_t d = db * 16;
-        const __mmask16 dims = mask16(p.head_dim - d);
+        const __mmask16 dims = simd::tail_mask(p.head_dim - d);
         const __m256i even =
             key < p.keys ? _mm256_maskz_loadu_epi16(dims, v + key * p.v_row + d) : _mm256_setzero_si256();
         const __m256i odd = key + 1 < p.keys ? _mm256_maskz_loadu_epi16(dims, v + (key + 1) * p.v_row + d)
@@ -498,7 +442,7 @@ VOKEN_AMX void attention_block(const AttentionProblem& p, int64_t unit, Attentio
   for (int64_t r = 0; r < 32; ++r) {
     const bf16_bits* src = p.q + b * p.q_batch + (q0 + r) * p.q_row + h * p.head_dim;
     for (int64_t d = 0; d < dp; d += 16) {
-      const __mmask16 m = r < rows ? mask16(p.head_dim - d) : __mmask16(0);
+      const __mmask16 m = r < rows ? simd::tail_mask(p.head_dim - d) : __mmask16(0);
       const __m512 x = _mm512_castsi512_ps(
           _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + d)), 16));
       simd::store16(w.q + r * dp + d, _mm512_mul_ps(x, scale));
@@ -532,8 +476,8 @@ VOKEN_AMX void attention_block(const AttentionProblem& p, int64_t unit, Attentio
     float* srow = w.s + r * kp;
     __m512 vmax = _mm512_set1_ps(-INFINITY);
     for (int64_t c = 0; c < p.keys; c += 16)
-      vmax =
-          _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mask16(p.keys - c), srow + c));
+      vmax = _mm512_max_ps(
+          vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), simd::tail_mask(p.keys - c), srow + c));
     const __m512 row_max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
     // exp(s - max) as 2^((s - max) log2 e) with a polynomial good to 3e-6 relative: the
     // probabilities are rounded to bf16 (2^-9) right after.
@@ -541,7 +485,7 @@ VOKEN_AMX void attention_block(const AttentionProblem& p, int64_t unit, Attentio
     const __m512 shifted_max = _mm512_mul_ps(row_max, log2e);
     __m512 vsum = _mm512_setzero_ps();
     for (int64_t c = 0; c < p.keys; c += 16) {
-      const __mmask16 m = mask16(p.keys - c);
+      const __mmask16 m = simd::tail_mask(p.keys - c);
       const __m512 e = _mm512_maskz_mov_ps(
           m, simd::exp2_fast16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, srow + c), log2e, shifted_max)));
       _mm512_storeu_ps(srow + c, e);
@@ -550,7 +494,7 @@ VOKEN_AMX void attention_block(const AttentionProblem& p, int64_t unit, Attentio
     const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
     bf16_bits* prow = w.pr + r * kp;
     for (int64_t c = 0; c < kp; c += 16) {
-      const __mmask16 m = mask16(p.keys - c);
+      const __mmask16 m = simd::tail_mask(p.keys - c);
       simd::store16(prow + c, _mm512_maskz_mul_ps(m, _mm512_maskz_loadu_ps(m, srow + c), inverse));
     }
   }
@@ -581,14 +525,14 @@ VOKEN_AMX void attention_block(const AttentionProblem& p, int64_t unit, Attentio
     for (int64_t r = 0; r < rows; ++r)
       for (int half = 0; half < 2; ++half) {
         const int64_t d = db * 16 + half * 16;
-        const __mmask16 m = mask16(p.head_dim - d);
+        const __mmask16 m = simd::tail_mask(p.head_dim - d);
         if (m) simd::store16(out + r * p.o_row + d, _mm512_load_ps(w.o + r * 32 + half * 16), m);
       }
   }
 }
 
 VOKEN_AMX void attention_units(const AttentionProblem& p, WorkRanges& ranges, int64_t thread) {
-  load_tile_config();
+  amx::configure_full_tiles();
   AttentionScratch scratch(p);
   for (int64_t u = ranges.next(thread); u >= 0; u = ranges.next(thread)) attention_block(p, u, scratch);
   _tile_release();
@@ -602,15 +546,6 @@ VOKEN_AMX void attention_pack(const AttentionProblem& p, int64_t bh) {
 }
 }  // namespace
 #endif
-
-bool has_amx_bf16() {
-#ifdef VOKEN_HAVE_AMX_GEMM
-  static const bool available = detect_amx_bf16();  // a CPU/OS property, computed once
-  return available;
-#else
-  return false;
-#endif
-}
 
 std::vector<at::Tensor> amx_linear_many(const at::Tensor& x, const std::vector<AmxLinearJob>& jobs,
                                         at::ScalarType out_dtype) {
@@ -642,7 +577,7 @@ std::vector<at::Tensor> amx_linear_many(const at::Tensor& x, const std::vector<A
             "amx_linear: the residual must be a float32 or bfloat16 CPU tensor of the output's shape");
     }
   }
-#ifdef VOKEN_HAVE_AMX_GEMM
+#ifdef VOKEN_HAVE_AMX
   at::Tensor rows = x.reshape({-1, k});
   if (rows.stride(1) != 1 || rows.stride(0) < k) rows = rows.contiguous();
   const int64_t m = rows.size(0);
@@ -708,10 +643,10 @@ std::vector<at::Tensor> amx_linear_many(const at::Tensor& x, const std::vector<A
       &std::free);
   if (!packed) throw std::bad_alloc();
   p.packed = packed.get();
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = parallel_threads();
   if (p.m_blocks > 1 && threads > 1)
-    at::parallel_for(0, p.m_blocks, 1,
-                     [&](int64_t begin, int64_t end) { pack_any(rows, p, packed.get(), begin, end); });
+    parallel_range(0, p.m_blocks, 1,
+                   [&](int64_t begin, int64_t end) { pack_any(rows, p, packed.get(), begin, end); });
   else
     pack_any(rows, p, packed.get(), 0, p.m_blocks);
 
@@ -721,9 +656,7 @@ std::vector<at::Tensor> amx_linear_many(const at::Tensor& x, const std::vector<A
     const int64_t step_end = std::min(p.k_steps, step_begin + steps_per_pass);
     WorkRanges ranges(p.units, workers);
     if (workers > 1)
-      at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) run_units(p, ranges, t, step_begin, step_end);
-      });
+      parallel_items(workers, [&](int64_t t) { run_units(p, ranges, t, step_begin, step_end); });
     else
       run_units(p, ranges, 0, step_begin, step_end);
   }
@@ -762,7 +695,7 @@ at::Tensor amx_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
         ", 1 to " + std::to_string(kAmxAttentionMaxKeys) + " keys)");
   at::Tensor out = at::empty({q.size(0), q.size(1), width}, q.options());
   if (q.size(0) == 0 || q.size(1) == 0) return out;
-#ifdef VOKEN_HAVE_AMX_GEMM
+#ifdef VOKEN_HAVE_AMX
   AttentionProblem p;
   p.q = reinterpret_cast<const bf16_bits*>(q.data_ptr<at::BFloat16>());
   p.k = reinterpret_cast<const bf16_bits*>(k.data_ptr<at::BFloat16>());
@@ -796,16 +729,12 @@ at::Tensor amx_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
   if (!packed) throw std::bad_alloc();
   p.packed_k = packed.get();
   p.packed_v = packed.get() + pairs * p.packed_k_size;
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) attention_pack(p, bh);
-  });
+  parallel_items(pairs, [&](int64_t bh) { attention_pack(p, bh); });
   const int64_t units = pairs * ((p.queries + 31) / 32);
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), units);
+  const int64_t workers = std::min<int64_t>(parallel_threads(), units);
   WorkRanges ranges(units, workers);
   if (workers > 1)
-    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) attention_units(p, ranges, t);
-    });
+    parallel_items(workers, [&](int64_t t) { attention_units(p, ranges, t); });
   else
     attention_units(p, ranges, 0);
 #endif

@@ -25,10 +25,9 @@
 #include <cstdint>
 #include <vector>
 
-namespace voken::core {
+#include "core/amx.h"  // has_amx_bf16
 
-// AMX-BF16 and AVX512-BF16 present and the tile state granted by the OS (computed once).
-bool has_amx_bf16();
+namespace voken::core {
 
 enum class Activation { None, GeluErf, GeluTanh };
 

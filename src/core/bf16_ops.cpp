@@ -1,15 +1,15 @@
 #include "core/bf16_ops.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <string>
 
+#include "core/parallel.h"
 #include "voken/error.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#include "diffusion/simd_avx512.h"
+#include "core/simd_avx512.h"
 #endif
 
 // GCC 12 reports its own AVX-512 reductions as possibly reading uninitialised vectors; they do not.
@@ -19,7 +19,6 @@ namespace voken::core {
 namespace {
 
 #ifdef VOKEN_HAVE_AVX512_KERNELS
-namespace simd = voken::diffusion::simd;
 
 VOKEN_AVX512 void layer_norm_rows(const uint16_t* x, int64_t ldx, uint16_t* y, int64_t ldy,
                                   const float* weight, const float* bias, int64_t channels, float eps,
@@ -73,7 +72,7 @@ at::Tensor layer_norm_bf16(const at::Tensor& x, const at::Tensor& weight, const 
     const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     const int64_t ldx = rows.stride(0);
-    at::parallel_for(0, rows.size(0), 16, [&](int64_t begin, int64_t end) {
+    parallel_range(0, rows.size(0), 16, [&](int64_t begin, int64_t end) {
       layer_norm_rows(xp, ldx, yp, channels, wp, bp, channels, static_cast<float>(eps), begin, end);
     });
     return out;

@@ -1,7 +1,6 @@
 #include "diffusion/amx_gemm.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -11,22 +10,15 @@
 #include <string>
 #include <vector>
 
-#include "diffusion/attention_kernels.h"
-#include "diffusion/parallel.h"
-#include "diffusion/simd_avx512.h"
+#include "core/amx.h"
+#include "core/parallel.h"
+#include "core/simd_avx512.h"
 #include "voken/error.h"
 
 // GCC 12 reports its own AVX-512 intrinsics (_mm512_castsi512_si256, ...) as possibly reading an
 // uninitialised vector; they do not.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__linux__)
-#define VOKEN_HAVE_AMX_GEMM 1
-#include <immintrin.h>
-#define VOKEN_AMX_GEMM \
-  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-#endif
 
 namespace voken::diffusion {
 namespace {
@@ -53,7 +45,7 @@ at::Tensor as_matrix(const at::Tensor& weight) {
 }  // namespace
 
 bool packed_gemm_supported(int64_t out_features, int64_t in_channels, int64_t kernel) {
-  return has_amx_bf16() && out_features > 0 && in_channels > 0 && out_features % kBlockColumns == 0 &&
+  return core::has_amx_bf16() && out_features > 0 && in_channels > 0 && out_features % kBlockColumns == 0 &&
          in_channels % kStepDepth == 0 && (kernel == 1 || kernel == 3);
 }
 
@@ -80,7 +72,7 @@ std::shared_ptr<const PackedGemmWeight> pack_gemm_weight(const at::Tensor& weigh
   packed->data = at::empty({n * k}, matrix.options());
   const auto* src = reinterpret_cast<const uint32_t*>(matrix.data_ptr<at::BFloat16>());
   auto* dst = reinterpret_cast<uint32_t*>(packed->data.data_ptr<at::BFloat16>());
-  parallel_range(0, n, 16, [&](int64_t begin, int64_t end) {
+  core::parallel_range(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t block = row / kBlockColumns, half = (row % kBlockColumns) / 16, column = row % 16;
       const uint32_t* pairs = src + row * (k / 2);
@@ -117,16 +109,10 @@ at::Tensor unpack_gemm_weight(const PackedGemmWeight& weight) {
       .reshape({n, k});
 }
 
-#ifdef VOKEN_HAVE_AMX_GEMM
+#ifdef VOKEN_HAVE_AMX
 namespace {
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 0;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+namespace simd = core::simd;
 
 // C = A W^T over 16-row tiles of A whose rows need not be contiguous in memory: for a k x k
 // convolution each tile is 16 consecutive pixels of the zero-padded NHWC input, and the K range of
@@ -176,7 +162,7 @@ Plan make_plan(const Gemm& g) {
   constexpr int64_t kChunkSteps = 16, kMaxTaskTiles = 32, kMaxTaskBlocks = 8;
   plan.chunk_steps = g.k_steps <= 2 * kChunkSteps ? g.k_steps : kChunkSteps;
   const int64_t tiles = static_cast<int64_t>(g.a_tiles.size());
-  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t threads = core::parallel_threads();
   const int64_t tile_groups = (tiles + kMaxTaskTiles - 1) / kMaxTaskTiles;
   int64_t block_groups = (g.n_blocks + kMaxTaskBlocks - 1) / kMaxTaskBlocks;
   // Few tasks (small images, wide layers: bound by reading the weights): enough of them, in a
@@ -198,8 +184,8 @@ Plan make_plan(const Gemm& g) {
 // One block of 16 or 32 rows (one or two A tiles) x 32 columns over K steps [s0, s1): C tiles
 // 4-7 start from zero or from `c` (row-major 32 x 32 float32) and are stored back to `c`.
 template <bool kTwoTiles>
-VOKEN_AMX_GEMM void block_product(const Gemm& g, int64_t tile, int64_t block, int64_t s0, int64_t s1,
-                                  float* c, bool accumulate) {
+VOKEN_AMX void block_product(const Gemm& g, int64_t tile, int64_t block, int64_t s0, int64_t s1, float* c,
+                             bool accumulate) {
   constexpr int64_t kCStride = kBlockColumns * sizeof(float);
   if (accumulate) {
     _tile_loadd(4, c, kCStride);
@@ -249,7 +235,7 @@ VOKEN_AMX_GEMM void block_product(const Gemm& g, int64_t tile, int64_t block, in
 }
 
 // out = round(c + bias (+ residual)) for the 16 rows of `tile` and the columns of `block`.
-VOKEN_AMX_GEMM void store_rows(const Gemm& g, int64_t tile, int64_t block, const float* c) {
+VOKEN_AMX void store_rows(const Gemm& g, int64_t tile, int64_t block, const float* c) {
   const int64_t n0 = block * kBlockColumns;
   const __m512 bias0 = g.bias ? _mm512_loadu_ps(g.bias + n0) : _mm512_setzero_ps();
   const __m512 bias1 = g.bias ? _mm512_loadu_ps(g.bias + n0 + 16) : _mm512_setzero_ps();
@@ -280,14 +266,8 @@ VOKEN_AMX_GEMM void store_rows(const Gemm& g, int64_t tile, int64_t block, const
   }
 }
 
-VOKEN_AMX_GEMM void run_tasks(const Gemm& g, const Plan& plan, int64_t begin, int64_t end) {
-  TileConfig config;
-  config.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
-  }
-  _tile_loadconfig(&config);
+VOKEN_AMX void run_tasks(const Gemm& g, const Plan& plan, int64_t begin, int64_t end) {
+  core::amx::configure_full_tiles();
   // Accumulators of a task between K chunks (a single block's worth without chunking).
   const bool chunked = plan.chunk_steps < g.k_steps;
   const int64_t pairs = (plan.max_tiles + 1) / 2;
@@ -343,12 +323,13 @@ void run(Gemm& g, const PackedGemmWeight& weight, at::Tensor& out, const at::Ten
   g.geglu = weight.geglu;
   if (g.a_tiles.empty()) return;
   const Plan plan = make_plan(g);
-  parallel_items(static_cast<int64_t>(plan.tasks.size()),
-                 [&](int64_t task) { run_tasks(g, plan, task, task + 1); });
+  core::parallel_items(static_cast<int64_t>(plan.tasks.size()),
+                       [&](int64_t task) { run_tasks(g, plan, task, task + 1); });
 }
 
 void check_input(const at::Tensor& x, const char* what) {
-  if (!has_amx_bf16()) throw ArgumentError(std::string(what) + ": this CPU/OS does not provide AMX-BF16");
+  if (!core::has_amx_bf16())
+    throw ArgumentError(std::string(what) + ": this CPU/OS does not provide AMX-BF16");
   if (!x.defined() || x.scalar_type() != at::kBFloat16 || !x.device().is_cpu())
     throw ArgumentError(std::string(what) + ": expected a bfloat16 CPU tensor");
 }
@@ -469,7 +450,7 @@ at::Tensor packed_conv2d(const at::Tensor& x, const PackedGemmWeight& weight, co
   at::Tensor padded = at::empty({(batch * image_pixels + slack) * channels}, x.options());
   auto* pp = reinterpret_cast<bf16_bits*>(padded.data_ptr<at::BFloat16>());
   const auto* xp = reinterpret_cast<const bf16_bits*>(input.data_ptr<at::BFloat16>());
-  parallel_range(0, batch * padded_h, 8, [&](int64_t begin, int64_t end) {
+  core::parallel_range(0, batch * padded_h, 8, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / padded_h, y = row % padded_h - pad;
       bf16_bits* dst = pp + row * padded_w * channels;

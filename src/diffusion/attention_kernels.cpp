@@ -1,7 +1,6 @@
 #include "diffusion/attention_kernels.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -11,8 +10,10 @@
 #include <new>
 #include <vector>
 
-#include "diffusion/parallel.h"
-#include "diffusion/simd_avx512.h"
+#include "core/amx.h"
+#include "core/bf16_ops.h"
+#include "core/parallel.h"
+#include "core/simd_avx512.h"
 #include "voken/error.h"
 
 // GCC 12 reports its own AVX-512 reduction intrinsics (_mm512_reduce_*) as possibly reading an
@@ -20,37 +21,12 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__linux__)
-#define VOKEN_HAVE_AMX_KERNEL 1
-#include <cpuid.h>
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#define VOKEN_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-#endif
-
 namespace voken::diffusion {
 
-#ifdef VOKEN_HAVE_AMX_KERNEL
+#ifdef VOKEN_HAVE_AMX
 namespace {
 
-bool detect_amx() {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))) return false;  // OSXSAVE
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  const bool avx512 = (ebx & (1u << 16)) && (ebx & (1u << 30)) && (ebx & (1u << 17)) && (ebx & (1u << 31));
-  const bool amx = (edx & (1u << 24)) && (edx & (1u << 22));
-  if (!avx512 || !amx) return false;
-  if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !(eax & (1u << 5))) return false;  // AVX512-BF16
-  uint32_t xcr0_lo = 0, xcr0_hi = 0;
-  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
-  const uint32_t avx512_state = 0xE6;                   // SSE, AVX, opmask, ZMM halves
-  const uint32_t tile_state = (1u << 17) | (1u << 18);  // XTILECFG, XTILEDATA
-  if ((xcr0_lo & avx512_state) != avx512_state || (xcr0_lo & tile_state) != tile_state) return false;
-  constexpr long kArchReqXcompPerm = 0x1023;
-  constexpr long kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-}
+namespace simd = core::simd;
 
 constexpr int kRows = 32;    // queries per block: two 16-row tiles share every K and V tile load
 constexpr int kKeys = 32;    // key padding granule: one 32-deep P tile
@@ -61,14 +37,6 @@ constexpr int kChunk = 512;  // keys per softmax chunk (scores and probabilities
 constexpr float kRescaleThreshold = 8.0f;
 
 using bf16_bits = uint16_t;
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 0;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 struct Problem {
   const bf16_bits* q = nullptr;
@@ -122,13 +90,6 @@ void pack_head(Problem& p, int64_t bh) {
   }
 }
 
-VOKEN_AMX inline bf16_bits float_to_bf16(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
-  return static_cast<bf16_bits>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
-
 // One 32-row query block (two 16-row tiles) against all keys, in 512-key chunks (switching
 // between AMX and AVX-512 work has a cost, so each phase runs over a whole chunk):
 //   1. S = Q K^T for the chunk, 32 keys per step: tiles Q0, Q1 (A) x K0, K1 (B) -> four S tiles,
@@ -139,13 +100,7 @@ VOKEN_AMX inline bf16_bits float_to_bf16(float v) {
 //      of that buffer).
 // Tiles: 0, 1 A (Q or P); 2, 3 B (K or V); 4-7 S or O.
 VOKEN_AMX void run_blocks(const Problem& p, int64_t begin, int64_t end) {
-  TileConfig config;
-  config.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
-  }
-  _tile_loadconfig(&config);
+  core::amx::configure_full_tiles();
 
   alignas(64) bf16_bits qbuf[kRows * 64];
   alignas(64) float obuf[kRows * 64];
@@ -286,7 +241,7 @@ VOKEN_AMX void run_blocks(const Problem& p, int64_t begin, int64_t end) {
     for (int r = 0; r < rows; ++r) {
       const float inv = 1.0f / _mm512_reduce_add_ps(_mm512_load_ps(lsum + r * 16));
       bf16_bits* dst = p.out + (b * p.queries + q0 + r) * out_row + h * p.head_dim;
-      for (int64_t d = 0; d < p.head_dim; ++d) dst[d] = float_to_bf16(obuf[r * 64 + d] * inv);
+      for (int64_t d = 0; d < p.head_dim; ++d) dst[d] = core::float_to_bf16_bits(obuf[r * 64 + d] * inv);
     }
   }
   _tile_release();
@@ -294,14 +249,10 @@ VOKEN_AMX void run_blocks(const Problem& p, int64_t begin, int64_t end) {
 
 }  // namespace
 
-bool has_amx_bf16() {
-  static const bool available = detect_amx();
-  return available;
-}
-
 at::Tensor fused_attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
                                 double scale) {
-  if (!has_amx_bf16()) throw ArgumentError("fused_attention_bf16: this CPU/OS does not provide AMX-BF16");
+  if (!core::has_amx_bf16())
+    throw ArgumentError("fused_attention_bf16: this CPU/OS does not provide AMX-BF16");
   const auto fits = [&](const at::Tensor& t) {
     return t.defined() && t.dim() == 3 && t.scalar_type() == at::kBFloat16 && t.stride(2) == 1 &&
            t.device().is_cpu();
@@ -338,17 +289,15 @@ at::Tensor fused_attention_bf16(const at::Tensor& q, const at::Tensor& k, const 
   const int64_t groups = p.batch * p.heads;
   p.packed_k.reset(new bf16_bits[groups * p.dq * p.keys_padded]);
   p.packed_v.reset(new bf16_bits[groups * p.keys_padded * p.dv]);
-  parallel_range(0, groups, 1, [&](int64_t begin, int64_t end) {
+  core::parallel_range(0, groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) pack_head(p, bh);
   });
   const int64_t tasks = groups * ((p.queries + kRows - 1) / kRows);
-  parallel_range(0, tasks, 1, [&](int64_t begin, int64_t end) { run_blocks(p, begin, end); });
+  core::parallel_range(0, tasks, 1, [&](int64_t begin, int64_t end) { run_blocks(p, begin, end); });
   return out;
 }
 
 #else  // no AMX kernel in this build
-
-bool has_amx_bf16() { return false; }
 
 at::Tensor fused_attention_bf16(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double) {
   throw ArgumentError("fused_attention_bf16: not built for this compiler/platform");

@@ -15,11 +15,6 @@
 
 namespace voken::diffusion {
 
-// CPU (AMX-TILE, AMX-BF16, AVX512-F/BW/BF16) and OS support; on Linux also asks the kernel for
-// the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, idempotent; oneDNN does the same).
-// Detected once.
-bool has_amx_bf16();
-
 // Heads of up to this many dimensions take the fused kernel.
 constexpr int64_t kFusedAttentionMaxHeadDim = 64;
 

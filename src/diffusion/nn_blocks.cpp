@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/amx.h"
 #include "diffusion/attention_kernels.h"
 #include "diffusion/norm_kernels.h"
 #include "voken/error.h"
@@ -312,7 +313,7 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
   const int64_t head_dim = inner / heads;
   if (allow_fused && !upcast && q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
       v.scalar_type() == at::kBFloat16 && head_dim <= kFusedAttentionMaxHeadDim && q.stride(2) == 1 &&
-      k.stride(2) == 1 && v.stride(2) == 1 && has_amx_bf16())
+      k.stride(2) == 1 && v.stride(2) == 1 && core::has_amx_bf16())
     return fused_attention_bf16(q, k, v, heads, scale);
   const int64_t groups = batch * heads;
   // [B, N, H*D] -> [B*H, N, D]; keys transposed once to [B*H, D, Nk] for the score products.

@@ -9,8 +9,9 @@
 #include <cstring>
 #include <vector>
 
-#include "diffusion/parallel.h"
-#include "diffusion/simd_avx512.h"
+#include "core/bf16_ops.h"
+#include "core/parallel.h"
+#include "core/simd_avx512.h"
 #include "voken/error.h"
 
 // GCC 12 reports its own AVX-512 reduction intrinsics (_mm512_reduce_*) as possibly reading an
@@ -20,6 +21,10 @@
 
 namespace voken::diffusion {
 namespace {
+
+#ifdef VOKEN_HAVE_AVX512_KERNELS
+namespace simd = core::simd;
+#endif
 
 using bf16_bits = uint16_t;
 
@@ -33,13 +38,7 @@ inline float to_float(bf16_bits v) {
   return out;
 }
 inline void store(float* p, float v) { *p = v; }
-// Round to nearest even, as c10::BFloat16 does; NaN stays NaN.
-inline void store(bf16_bits* p, float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  *p = static_cast<bf16_bits>((bits & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
-}
+inline void store(bf16_bits* p, float v) { *p = core::float_to_bf16_bits(v); }
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 inline float gelu(float v) { return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f)); }
 
@@ -276,7 +275,7 @@ void geglu_row_any(const T* value, const T* gate, T* out, int64_t n) {
 
 template <typename T>
 void geglu_rows(const T* projected, T* out, int64_t rows, int64_t inner) {
-  parallel_range(0, rows, std::max<int64_t>(1, 16384 / inner), [&](int64_t begin, int64_t end) {
+  core::parallel_range(0, rows, std::max<int64_t>(1, 16384 / inner), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       geglu_row_any(projected + r * 2 * inner, projected + r * 2 * inner + inner, out + r * inner, inner);
   });
@@ -317,7 +316,7 @@ void group_norm_nchw(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
   const int64_t span = per_group * spatial;
   std::vector<double> sum(batch * groups, 0.0), sum_sq(batch * groups, 0.0);
   std::vector<float> shift(batch * groups);
-  parallel_range(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+  core::parallel_range(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     constexpr int64_t kRun = 4096;  // float partial sums stay exact enough over this many values
     for (int64_t bg = begin; bg < end; ++bg) {
       const T* base = x + bg * span;
@@ -328,7 +327,7 @@ void group_norm_nchw(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
   });
   std::vector<float> scale, offset;
   group_factors(sum, sum_sq, shift, batch, channels, groups, span, weight, bias, eps, scale, offset);
-  parallel_range(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
+  core::parallel_range(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bc = begin; bc < end; ++bc)
       affine_plane_any(x + bc * spatial, y + bc * spatial, scale[bc], offset[bc], spatial, apply_silu);
   });
@@ -350,7 +349,7 @@ void group_norm_nhwc(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
       if (c % per_group == 0) group_shift[b * groups + c / per_group] = s;
     }
   std::vector<double> partial1(batch * chunks * channels), partial2(batch * chunks * channels);
-  parallel_range(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+  core::parallel_range(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s1(channels), s2(channels);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, chunk = task % chunks;
@@ -377,7 +376,7 @@ void group_norm_nhwc(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
   std::vector<float> scale, offset;
   group_factors(sum, sum_sq, group_shift, batch, channels, groups, per_group * spatial, weight, bias, eps,
                 scale, offset);
-  parallel_range(0, batch * spatial, 64, [&](int64_t begin, int64_t end) {
+  core::parallel_range(0, batch * spatial, 64, [&](int64_t begin, int64_t end) {
     for (int64_t bp = begin; bp < end; ++bp) {
       const int64_t b = bp / spatial;
       affine_row_any(x + bp * channels, y + bp * channels, scale.data() + b * channels,
@@ -389,7 +388,7 @@ void group_norm_nhwc(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
 template <typename T>
 void layer_norm_rows(const T* x, T* y, int64_t rows, int64_t dim, const std::vector<float>& weight,
                      const std::vector<float>& bias, double eps) {
-  parallel_range(0, rows, 16, [&](int64_t begin, int64_t end) {
+  core::parallel_range(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> scale(dim), offset(dim);
     for (int64_t r = begin; r < end; ++r) {
       const T* row = x + r * dim;
@@ -414,7 +413,7 @@ void layer_norm_rows(const T* x, T* y, int64_t rows, int64_t dim, const std::vec
 
 template <typename T>
 void softmax_rows(T* data, int64_t rows, int64_t n) {
-  parallel_range(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
+  core::parallel_range(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(n);
     for (int64_t r = begin; r < end; ++r) softmax_row_any(data + r * n, data + r * n, scratch.data(), n);
   });
@@ -471,7 +470,7 @@ at::Tensor few_rows_linear_bf16(const at::Tensor& x, const at::Tensor& weight, c
   at::Tensor y = at::empty({rows, out}, xc.options());
 #ifdef VOKEN_HAVE_AVX512_KERNELS
   const auto* w = reinterpret_cast<const bf16_bits*>(weight.data_ptr<at::BFloat16>());
-  parallel_range(0, out, 16, [&](int64_t begin, int64_t end) {
+  core::parallel_range(0, out, 16, [&](int64_t begin, int64_t end) {
     few_rows_gemv_avx512(xc.data_ptr<float>(), w, bc.defined() ? bc.data_ptr<float>() : nullptr,
                          y.data_ptr<float>(), rows, in, out, begin, end);
   });

@@ -1,7 +1,6 @@
 #include "llm/linear.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -9,6 +8,7 @@
 #include <vector>
 
 #include "core/amx_gemm.h"
+#include "core/parallel.h"
 #include "core/work_ranges.h"
 #include "voken/error.h"
 
@@ -91,7 +91,7 @@ struct GemvTask {
 template <int M>
 VOKEN_AVX512 void gemv_many(const float* x, const std::vector<GemvTask>& tasks, int64_t in, int64_t chunks) {
   constexpr int R = M >= 8 ? 1 : 8 / M;  // R * M accumulators: 8 independent FMA chains
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  const int64_t threads = std::min<int64_t>(core::parallel_threads(), chunks);
   core::WorkRanges ranges(chunks, threads);
   auto work = [&](int64_t t) {
     size_t task = 0;
@@ -106,9 +106,7 @@ VOKEN_AVX512 void gemv_many(const float* x, const std::vector<GemvTask>& tasks, 
   if (threads <= 1)
     work(0);
   else
-    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) work(t);
-    });
+    core::parallel_items(threads, work);
 }
 
 bool cpu_has_avx512() {

@@ -10,6 +10,7 @@
 #include <optional>
 #include <set>
 
+#include "core/parallel.h"
 #include "io/state_dict.h"
 #include "io/tensor_bytes.h"
 #include "llm/linear.h"
@@ -305,10 +306,7 @@ Llama Llama::load(const std::string& model_dir, const LlamaLoadOptions& options)
   if (options.dtype != at::kFloat && options.dtype != at::kBFloat16)
     throw ArgumentError("LlamaLoadOptions::dtype must be float32 or bfloat16, got " +
                         std::string(c10::toString(options.dtype)));
-  if (options.num_threads < 0)
-    throw ArgumentError("LlamaLoadOptions::num_threads must be >= 0, got " +
-                        std::to_string(options.num_threads));
-  if (options.num_threads > 0) at::set_num_threads(options.num_threads);
+  core::set_intra_op_threads(options.num_threads, "LlamaLoadOptions::num_threads");
   LlamaConfig config = LlamaConfig::from_file(model_dir + "/config.json");
   LlamaAdapters adapters;
   if (!options.adapter_path.empty()) adapters = load_llama_adapters(options.adapter_path, options.adapter);

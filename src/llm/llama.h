@@ -121,8 +121,8 @@ struct LlamaLoadOptions {
   AdapterReadOptions adapter;
   // LoRA merged into the weights at load (default) or applied on the fly at every product.
   bool merge_lora = true;
-  // > 0: at::set_num_threads(num_threads) when loading. 0 leaves the process setting alone
-  // (Debian's libtorch starts with 1 intra-op thread on some machines; set it here or yourself).
+  // libtorch's intra-op threads, set when loading: > 0 exactly that many; 0 $OMP_NUM_THREADS
+  // when set, else one per core (Debian's libtorch starts with 1 thread on some machines).
   int num_threads = 0;
   // Unused tensors in the base checkpoint are errors (rotary inv_freq buffers are always allowed).
   bool strict = true;

@@ -10,6 +10,7 @@
 #include <limits>
 #include <sstream>
 
+#include "core/parallel.h"
 #include "pipeline/pipeline_impl.h"
 #include "vision/image.h"
 #include "vision/preprocess.h"
@@ -228,9 +229,7 @@ Pipeline::~Pipeline() = default;
 
 Pipeline Pipeline::load(const std::string& manifest_path, const LoadOptions& options) {
   c10::InferenceMode guard;
-  if (options.num_threads < 0)
-    throw ArgumentError("LoadOptions::num_threads must be >= 0, got " + std::to_string(options.num_threads));
-  if (options.num_threads > 0) at::set_num_threads(options.num_threads);
+  core::set_intra_op_threads(options.num_threads, "LoadOptions::num_threads");
   auto impl = std::make_unique<Impl>();
   impl->bundle = pipeline::load_bundle(manifest_path, options);
   impl->load_options = options;

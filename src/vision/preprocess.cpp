@@ -1,7 +1,6 @@
 #include "vision/preprocess.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
@@ -12,6 +11,7 @@
 #include <immintrin.h>
 #endif
 
+#include "core/parallel.h"
 #include "voken/error.h"
 
 namespace voken::vision {
@@ -583,9 +583,8 @@ at::Tensor preprocess_batch(const std::vector<Image>& images, const PreprocessCo
   const int64_t size = config.image_size;
   auto batch = at::empty({static_cast<int64_t>(images.size()), 3, size, size}, at::kFloat);
   float* out = batch.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(images.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      write_normalized(transform_pixels(images[i], config), config, out + i * 3 * size * size);
+  core::parallel_items(static_cast<int64_t>(images.size()), [&](int64_t i) {
+    write_normalized(transform_pixels(images[i], config), config, out + i * 3 * size * size);
   });
   return batch;
 }

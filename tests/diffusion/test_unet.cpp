@@ -15,11 +15,11 @@
 #include <string>
 
 #include "common/test_support.h"
+#include "core/amx.h"
 #include "diffusion/amx_gemm.h"
 #include "diffusion/attention_kernels.h"
 #include "diffusion/nn_blocks.h"
 #include "diffusion/norm_kernels.h"
-#include "diffusion/parallel.h"
 #include "diffusion/random_diffusers_model.h"
 #include "diffusion/unet.h"
 #include "diffusion/vae.h"
@@ -385,7 +385,7 @@ TEST(Attention, ChunkedEqualsWholeScoreMatrix) {
       const at::Tensor chunked = multi_head_attention(qb, kb, vb, heads, s, false, 64, /*allow_fused=*/false);
       EXPECT_LT(max_abs_diff(chunked, ref), 2.5 * tol)
           << "chunked dim " << dim << " nq " << nq << " nk " << nk;
-      if (has_amx_bf16()) {
+      if (core::has_amx_bf16()) {
         const at::Tensor fused = fused_attention_bf16(qb, kb, vb, heads, s);
         EXPECT_EQ(fused.sizes(), ref.sizes());
         EXPECT_LT(max_abs_diff(fused, ref), tol) << "fused dim " << dim << " nq " << nq << " nk " << nk;
@@ -394,7 +394,7 @@ TEST(Attention, ChunkedEqualsWholeScoreMatrix) {
     }
   }
   // A row whose maximum appears late (rescaling of the resident output) and large score ranges.
-  if (has_amx_bf16()) {
+  if (core::has_amx_bf16()) {
     at::Tensor qs = at::ones({1, 16, 64}) * 0.5;
     // Keys over three of the kernel's 1024-key chunks (the last one partial), the largest scores
     // in the last chunk.
@@ -558,27 +558,6 @@ TEST(TinyVae, DeprecatedAttentionNamesAndConvShapesLoadTheSame) {
   expect_argument_error([&] { posterior.sample(at::zeros({1, 4, 6, 9})); }, "noise");
 }
 
-// ---- parallel loops -------------------------------------------------------------------------
-
-TEST(Parallel, EveryItemRunsOnceAndErrorsReachTheCaller) {
-  for (const int64_t count : {0, 1, 2, 7, 1000}) {
-    std::vector<std::atomic<int>> runs(count);
-    parallel_items(count, [&](int64_t item) { runs[item].fetch_add(1); });
-    for (int64_t i = 0; i < count; ++i) EXPECT_EQ(runs[i].load(), 1) << "item " << i << " of " << count;
-  }
-  std::vector<std::atomic<int>> covered(103);
-  parallel_range(5, 103, 4, [&](int64_t begin, int64_t end) {
-    EXPECT_LT(begin, end);
-    for (int64_t i = begin; i < end; ++i) covered[i].fetch_add(1);
-  });
-  for (int64_t i = 0; i < 103; ++i) EXPECT_EQ(covered[i].load(), i >= 5 ? 1 : 0);
-  EXPECT_THROW(parallel_items(64,
-                              [](int64_t item) {
-                                if (item == 13) throw ArgumentError("item 13");
-                              }),
-               ArgumentError);
-}
-
 // ---- packed AMX products ----------------------------------------------------------------------
 
 // float64 reference of a bfloat16 product, and the tolerance of one bfloat16 rounding of it.
@@ -589,7 +568,7 @@ double bf16_tolerance(const at::Tensor& reference) {
 TEST(PackedGemm, SupportedShapesAndPackingRoundTrip) {
   auto generator = at::make_generator<at::CPUGeneratorImpl>(21);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  if (!has_amx_bf16()) {
+  if (!core::has_amx_bf16()) {
     EXPECT_FALSE(packed_gemm_supported(64, 64, 3));
     EXPECT_THROW(pack_gemm_weight(at::zeros({64, 64}), at::Tensor()), ArgumentError);
     GTEST_SKIP() << "no AMX-BF16 on this CPU: the packed kernels are not exercised";
@@ -613,7 +592,7 @@ TEST(PackedGemm, SupportedShapesAndPackingRoundTrip) {
 }
 
 TEST(PackedGemm, LinearMatchesFloat64ForAnyRowCountStrideAndResidual) {
-  if (!has_amx_bf16()) GTEST_SKIP() << "no AMX-BF16 on this CPU";
+  if (!core::has_amx_bf16()) GTEST_SKIP() << "no AMX-BF16 on this CPU";
   auto generator = at::make_generator<at::CPUGeneratorImpl>(22);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const auto bf16 = [&](std::vector<int64_t> sizes) {
@@ -666,7 +645,7 @@ TEST(PackedGemm, LinearMatchesFloat64ForAnyRowCountStrideAndResidual) {
 }
 
 TEST(PackedGemm, GegluProjectionMatchesFloat64) {
-  if (!has_amx_bf16()) GTEST_SKIP() << "no AMX-BF16 on this CPU";
+  if (!core::has_amx_bf16()) GTEST_SKIP() << "no AMX-BF16 on this CPU";
   auto generator = at::make_generator<at::CPUGeneratorImpl>(25);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   for (const auto& [k, inner] : std::vector<std::pair<int64_t, int64_t>>{{32, 16}, {64, 48}, {640, 128}}) {
@@ -688,7 +667,7 @@ TEST(PackedGemm, GegluProjectionMatchesFloat64) {
 }
 
 TEST(PackedGemm, ConvolutionsMatchFloat64InBothLayouts) {
-  if (!has_amx_bf16()) GTEST_SKIP() << "no AMX-BF16 on this CPU";
+  if (!core::has_amx_bf16()) GTEST_SKIP() << "no AMX-BF16 on this CPU";
   auto generator = at::make_generator<at::CPUGeneratorImpl>(23);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const auto bf16 = [&](std::vector<int64_t> sizes) {
@@ -737,7 +716,7 @@ TEST(PackedGemm, ConvolutionsMatchFloat64InBothLayouts) {
 // A UNet and a VAE whose widths the packed kernels take: packed and oneDNN bfloat16 agree, and
 // both stay within the bfloat16 tolerance of float32.
 TEST(PackedGemm, PackedModelsMatchUnpackedOnes) {
-  if (!has_amx_bf16()) GTEST_SKIP() << "no AMX-BF16 on this CPU";
+  if (!core::has_amx_bf16()) GTEST_SKIP() << "no AMX-BF16 on this CPU";
   Json unet_config = tiny_unet_config();
   unet_config["block_out_channels"] = {32, 64, 64};
   unet_config["norm_num_groups"] = 8;

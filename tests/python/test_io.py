@@ -254,14 +254,17 @@ def fixture_module():
 # a. Version, build info, exception hierarchy.
 
 
-def run_isolated(code, import_torch_first=True):
+def run_isolated(code, import_torch_first=True, unset_env=()):
     """Runs `code` in a fresh interpreter that imports the same voken; fails the calling test
     (naming the signal, if any) unless it exits 0. For cases that could crash the process.
-    Like this module, the interpreter imports torch (when present) before running `code`."""
+    Like this module, the interpreter imports torch (when present) before running `code`.
+    `unset_env`: environment variables the interpreter does not inherit."""
     if import_torch_first and torch is not None:
         code = "import torch\n" + code
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(voken.__file__)))
     env = dict(os.environ, PYTHONPATH=package_parent)
+    for name in unset_env:
+        env.pop(name, None)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, timeout=300)
     if result.returncode != 0:
@@ -282,6 +285,22 @@ def test_import_without_torch():
                  "assert 'torch' not in sys.modules, 'importing voken imported torch'\n"
                  "print(voken.__version__, sorted(voken.build_info()))\n",
                  import_torch_first=False)
+
+
+def test_threads_default_to_one_per_core():
+    # Debian's libtorch starts with one intra-op thread on some multi-core machines; importing
+    # voken sets one per core unless OMP_NUM_THREADS says otherwise, and set_num_threads changes it.
+    run_isolated("import os, voken\n"
+                 "threads = voken.build_info()['intra_op_threads']\n"
+                 "assert threads == os.cpu_count(), (threads, os.cpu_count())\n"
+                 "voken.set_num_threads(1)\n"
+                 "assert voken.build_info()['intra_op_threads'] == 1\n"
+                 "try:\n"
+                 "    voken.set_num_threads(-1)\n"
+                 "    raise SystemExit('a negative thread count was accepted')\n"
+                 "except ValueError as e:\n"
+                 "    assert 'num_threads must be >= 0' in str(e), e\n",
+                 import_torch_first=False, unset_env=("OMP_NUM_THREADS",))
 
 
 def test_version_and_build_info():

@@ -1,8 +1,9 @@
-// Parallel loops for the diffusion kernels on libtorch's OpenMP thread team.
+// Parallel loops for voken's own kernels on libtorch's OpenMP thread team, the one parallel
+// mechanism in voken (use these, never at::parallel_for).
 //
 // Why not at::parallel_for: in libtorch 1.13 it is a header template that parallelises only when
 // the *calling* translation unit is compiled with OpenMP (_OPENMP defined); voken is built without
-// -fopenmp, so every at::parallel_for in voken's own code ran on one thread. These helpers enter
+// -fopenmp, so every at::parallel_for in voken's own code would run on one thread. These helpers enter
 // the same libgomp team libtorch and oneDNN use (GOMP_parallel, looked up at run time, so they work
 // with or without -fopenmp and fall back to a plain loop when libgomp is absent), with
 // at::get_num_threads() threads, and hand the work out dynamically: on a shared machine a
@@ -11,8 +12,9 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 
-namespace voken::diffusion {
+namespace voken::core {
 
 // Calls body(item) for every item in [0, count), items taken in increasing order from a shared
 // counter by up to at::get_num_threads() threads (one thread when count is 1 or inside another
@@ -29,4 +31,11 @@ void parallel_range(int64_t begin, int64_t end, int64_t grain,
 // The number of threads parallel_items uses.
 int parallel_threads();
 
-}  // namespace voken::diffusion
+// Sets libtorch's intra-op thread count (the team every kernel, voken's and libtorch's, runs on):
+// `requested` > 0 exactly; 0 automatically, i.e. $OMP_NUM_THREADS when set (libtorch read it
+// already), else one thread per core. Why automatic: Debian's libtorch 1.13 starts with ONE
+// thread on some multi-core machines (this project's 2-core CI machine among them). `what` names
+// the option in the error a negative count gets.
+void set_intra_op_threads(int requested, const std::string& what);
+
+}  // namespace voken::core

@@ -1,14 +1,19 @@
-#include "diffusion/parallel.h"
+#include "core/parallel.h"
 
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <string>
+#include <thread>
 
-namespace voken::diffusion {
+#include "voken/error.h"
+
+namespace voken::core {
 namespace {
 
 // libgomp's entry point for `#pragma omp parallel` (GCC's OpenMP ABI): runs fn(data) on a team of
@@ -48,6 +53,17 @@ void run_items(void* data) {
 
 int parallel_threads() { return std::max(1, at::get_num_threads()); }
 
+void set_intra_op_threads(int requested, const std::string& what) {
+  if (requested < 0)
+    throw ArgumentError(what + " must be >= 0 (0: automatic), got " + std::to_string(requested));
+  int threads = requested;
+  if (threads == 0) {
+    if (std::getenv("OMP_NUM_THREADS")) return;
+    threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  }
+  if (threads != at::get_num_threads()) at::set_num_threads(threads);
+}
+
 void parallel_items(int64_t count, const std::function<void(int64_t item)>& body) {
   if (count <= 0) return;
   const int64_t threads = std::min<int64_t>(parallel_threads(), count);
@@ -78,4 +94,4 @@ void parallel_range(int64_t begin, int64_t end, int64_t grain,
   });
 }
 
-}  // namespace voken::diffusion
+}  // namespace voken::core

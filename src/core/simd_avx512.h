@@ -1,7 +1,7 @@
-// AVX-512 helpers shared by the diffusion kernels (norm_kernels.cpp, attention_kernels.cpp):
-// float32/bfloat16 loads and stores (bfloat16 rounded to nearest even, as c10::BFloat16), and a
-// 16-lane exp. Internal header: functions carry their own target attribute, so callers compile
-// them into AVX-512 code paths chosen at run time (cpu_has_avx512()).
+// AVX-512 helpers shared by the bf16 kernels (core, vision, diffusion): float32/bfloat16 loads
+// and stores (bfloat16 rounded to nearest even, as c10::BFloat16), tail masks, exp, GELU, SiLU.
+// Internal header: functions carry their own target attribute, so callers compile them into
+// AVX-512 code paths chosen at run time (cpu_has_avx512()).
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -14,7 +14,7 @@
 
 #define VOKEN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
-namespace voken::diffusion::simd {
+namespace voken::core::simd {
 
 using bf16_bits = uint16_t;
 
@@ -36,6 +36,9 @@ inline bool cpu_has_avx512() {
 
 inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+}
+inline __mmask32 tail_mask32(int64_t n) {
+  return n >= 32 ? __mmask32(0xFFFFFFFFu) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1u);
 }
 
 VOKEN_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -136,6 +139,6 @@ VOKEN_AVX512 inline __m512 silu16(__m512 x) {
       x, reciprocal16(_mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x)))));
 }
 
-}  // namespace voken::diffusion::simd
+}  // namespace voken::core::simd
 
 #endif
