@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <c10/core/InferenceMode.h>
+#include <dlfcn.h>
 #include <stdlib.h>
 #include <sys/resource.h>
 
@@ -668,6 +669,15 @@ void breakdown(int reps, at::ScalarType dtype) {
   std::printf("  sum (without up/downsampling and skip-concat widths): %.0f ms\n", total * 1e3);
 }
 
+// The kernels OpenBLAS (libtorch's fp32 BLAS on Debian) chose: its fp32 GEMM speed doubles from
+// "Haswell" (AVX2, its fallback for CPU models it does not know) to "SkylakeX" (AVX-512); set
+// OPENBLAS_CORETYPE=SkylakeX to choose (importing voken in Python does).
+std::string blas_kernels() {
+  using CoreName = char* (*)();
+  const auto core_name = reinterpret_cast<CoreName>(dlsym(RTLD_DEFAULT, "openblas_get_corename"));
+  return core_name ? std::string("OpenBLAS ") + core_name() : "BLAS is not OpenBLAS";
+}
+
 struct Peaks {
   double fp32 = 0, bf16 = 0;
   double of(at::ScalarType dtype) const { return dtype == at::kBFloat16 ? bf16 : fp32; }
@@ -753,8 +763,8 @@ int main(int argc, char** argv) {
   if (!quick) {
     peaks.bf16 = gemm_peak(at::kBFloat16);
     peaks.fp32 = gemm_peak(at::kFloat);
-    std::printf("GEMM peak (at::mm / at::linear, best of 5 shapes): bf16 %.0f GFLOP/s, fp32 %.0f GFLOP/s\n",
-                peaks.bf16, peaks.fp32);
+    std::printf("GEMM peak (at::mm / at::linear, best of 5 shapes): bf16 %.0f GFLOP/s, fp32 %.0f GFLOP/s (%s)\n",
+                peaks.bf16, peaks.fp32, blas_kernels().c_str());
     conv_layouts();
   }
   if (only != "vae" && !quick) {

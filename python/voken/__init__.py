@@ -14,7 +14,29 @@ Errors: FileNotFoundError for missing files; ValueError for bad arguments (voken
 voken.WeightsError and voken.FormatError are ValueErrors too, and voken.Error, the base of
 voken's own errors, is a RuntimeError); voken.Cancelled when a progress callback stops work.
 """
-from ._voken import (  # noqa: F401
+import os as _os
+
+
+def _prefer_avx512_blas():
+    """Debian's libtorch does fp32 GEMM in OpenBLAS, which picks its kernels from the CPU model
+    at load time. Virtual machines that report a model it does not know get its Haswell (AVX2)
+    kernels, half the speed of its SkylakeX (AVX-512) ones. When the CPU has AVX-512 and the user
+    chose nothing, ask for SkylakeX before the native module loads OpenBLAS. (Without effect if
+    OpenBLAS is already loaded, e.g. by an earlier `import torch`.)"""
+    if "OPENBLAS_CORETYPE" in _os.environ:
+        return
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return
+    if {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"} <= set(flags):
+        _os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
+
+
+_prefer_avx512_blas()
+
+from ._voken import (  # noqa: F401,E402
     AddedToken,
     Cancelled,
     ConfigError,
