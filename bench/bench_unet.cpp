@@ -342,33 +342,11 @@ void packed_kernels(int reps) {
 
 // ---- random diffusers folders -----------------------------------------------------------------
 
-using WeightShapes = std::vector<std::pair<std::string, std::vector<int64_t>>>;
+using io::expected_weights;
+using io::WeightShapes;
 
-// The (key, shape) list a model takes: build it against an empty checkpoint and read the
-// "missing" section of the loader's report. (Build with NCHW options: channels-last would
-// materialise the zero placeholders.)
-WeightShapes expected_weights(const std::function<void(io::WeightLoader&)>& build) {
-  io::WeightLoader loader(io::StateDict(), io::WeightOptions{}, "probe");
-  build(loader);
-  WeightShapes out;
-  try {
-    loader.finish();
-  } catch (const WeightsError& e) {
-    std::istringstream lines(e.what());
-    const std::regex entry(R"(^    (\S+) \[([0-9, ]*)\]$)");
-    std::string line;
-    while (std::getline(lines, line)) {
-      std::smatch match;
-      if (!std::regex_match(line, match, entry)) continue;
-      std::vector<int64_t> shape;
-      std::istringstream dims(std::regex_replace(match[2].str(), std::regex(","), " "));
-      for (int64_t d; dims >> d;) shape.push_back(d);
-      out.emplace_back(match[1].str(), shape);
-    }
-  }
-  return out;
-}
-
+// Options for listing a model's weights (expected_weights): NCHW, since channels-last would
+// materialise the zero placeholders.
 ComputeOptions probe_options() {
   ComputeOptions options;
   options.channels_last = false;

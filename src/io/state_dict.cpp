@@ -208,7 +208,7 @@ at::Tensor WeightLoader::take_impl(const std::string& name, const std::vector<in
   };
   if (!weights_.contains(name)) {
     if (!required) return {};
-    missing_.push_back(name + " " + shape_string(shape));
+    missing_.emplace_back(name, shape);
     return placeholder();
   }
   taken_.insert(name);
@@ -245,11 +245,21 @@ void WeightLoader::finish(bool strict) {
   if (missing_.empty() && mis_shaped_.empty() && unexpected.empty()) return;
   std::ostringstream message;
   message << what_ << ": weights do not match the model (from " << weights_.origin() << ")";
-  if (!missing_.empty()) message << "\n  missing (" << missing_.size() << "):" << joined(missing_);
+  if (!missing_.empty()) {
+    std::vector<std::string> missing;
+    for (const auto& [name, shape] : missing_) missing.push_back(name + " " + shape_string(shape));
+    message << "\n  missing (" << missing.size() << "):" << joined(missing);
+  }
   if (!mis_shaped_.empty())
     message << "\n  wrong shape (" << mis_shaped_.size() << "):" << joined(mis_shaped_);
   if (!unexpected.empty()) message << "\n  unexpected (" << unexpected.size() << "):" << joined(unexpected);
   throw WeightsError(message.str());
+}
+
+WeightShapes expected_weights(const std::function<void(WeightLoader&)>& build) {
+  WeightLoader loader(StateDict(), WeightOptions{}, "probe");
+  build(loader);
+  return loader.missing();
 }
 
 }  // namespace voken::io

@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -78,6 +79,9 @@ struct WeightOptions {
 // Converts one weight as WeightOptions says (zero-copy when nothing changes).
 at::Tensor convert_weight(const at::Tensor& tensor, const WeightOptions& options);
 
+// (key, shape) pairs, in the order a component takes them.
+using WeightShapes = std::vector<std::pair<std::string, std::vector<int64_t>>>;
+
 // A component's view of its checkpoint while it is being built. Problems are collected, not
 // thrown one by one; finish() throws one WeightsError listing them all.
 class WeightLoader {
@@ -105,6 +109,8 @@ class WeightLoader {
 
   const WeightOptions& options() const { return options_; }
   const StateDict& weights() const { return weights_; }
+  // The required tensors found absent so far, with the shapes asked for, in take order.
+  const WeightShapes& missing() const { return missing_; }
 
  private:
   at::Tensor take_impl(const std::string& name, const std::vector<int64_t>& shape, bool required);
@@ -113,8 +119,13 @@ class WeightLoader {
   std::string what_;
   std::set<std::string> taken_;
   std::vector<std::regex> ignored_;
-  std::vector<std::string> missing_;
+  WeightShapes missing_;
   std::vector<std::string> mis_shaped_;
 };
+
+// Every (key, shape) `build` takes from a loader with take() (not take_optional), in take order:
+// `build` runs against an empty checkpoint, where each take is recorded as missing with the shape
+// it asks for. For writing checkpoints with exactly a component's keys (random-weight models).
+WeightShapes expected_weights(const std::function<void(WeightLoader&)>& build);
 
 }  // namespace voken::io

@@ -739,30 +739,12 @@ Json pndm_config() {
               {"trained_betas", nullptr}};
 }
 
-using WeightShapes = std::vector<std::pair<std::string, std::vector<int64_t>>>;
+using io::WeightShapes;
 
-// The (key, shape) list a diffusers model takes: built against an empty checkpoint, the loader
-// hands out zero placeholders and lists every missing key with its shape, which is read back.
-// This keeps the random files exactly in step with what the loaders take.
+// The (key, shape) list a diffusers model takes (io::expected_weights), which keeps the random
+// files exactly in step with what the loaders take.
 WeightShapes expected_weights(const std::function<void(io::WeightLoader&)>& build) {
-  io::WeightLoader loader(io::StateDict(), io::WeightOptions{}, "probe");
-  build(loader);
-  WeightShapes out;
-  try {
-    loader.finish();
-  } catch (const WeightsError& e) {
-    std::istringstream lines(e.what());
-    const std::regex entry(R"(^    (\S+) \[([0-9, ]*)\]$)");
-    std::string line;
-    while (std::getline(lines, line)) {
-      std::smatch match;
-      if (!std::regex_match(line, match, entry)) continue;
-      std::vector<int64_t> dims;
-      std::istringstream numbers(std::regex_replace(match[2].str(), std::regex(","), " "));
-      for (int64_t d; numbers >> d;) dims.push_back(d);
-      out.emplace_back(match[1].str(), dims);
-    }
-  }
+  WeightShapes out = io::expected_weights(build);
   if (out.empty()) throw Error("random bundle: could not list the weights of a diffusion model");
   return out;
 }

@@ -1,9 +1,8 @@
 // Test helpers: small diffusers-layout model folders (config.json + random weights) for the UNet
 // and VAE tests, with exactly the keys and shapes the C++ model takes.
 //
-// The key list comes from the model itself: it is built once against an empty checkpoint (the
-// loader hands out zero placeholders and records every missing key with its expected shape), and
-// the "missing" section of the resulting WeightsError is read back.
+// The key list comes from the model itself (io::expected_weights: built once against an empty
+// checkpoint, every key it takes is recorded as missing with its expected shape).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,30 +26,8 @@
 
 namespace voken::test {
 
-using WeightShapes = std::vector<std::pair<std::string, std::vector<int64_t>>>;
-
-// Every (key, shape) `build` takes from a WeightLoader, in take order.
-inline WeightShapes expected_weights(const std::function<void(io::WeightLoader&)>& build) {
-  io::WeightLoader loader(io::StateDict(), io::WeightOptions{}, "probe");
-  build(loader);
-  WeightShapes out;
-  try {
-    loader.finish();
-  } catch (const WeightsError& e) {
-    std::istringstream lines(e.what());
-    const std::regex entry(R"(^    (\S+) \[([0-9, ]*)\]$)");
-    std::string line;
-    while (std::getline(lines, line)) {
-      std::smatch match;
-      if (!std::regex_match(line, match, entry)) continue;
-      std::vector<int64_t> shape;
-      std::istringstream dims(std::regex_replace(match[2].str(), std::regex(","), " "));
-      for (int64_t d; dims >> d;) shape.push_back(d);
-      out.emplace_back(match[1].str(), shape);
-    }
-  }
-  return out;
-}
+using io::expected_weights;
+using io::WeightShapes;
 
 // Random weights scaled like an initialised network: norm weights near 1, biases small, others
 // ~ N(0, 1/fan_in), so activations stay O(1) through the blocks.
