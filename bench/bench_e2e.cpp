@@ -48,6 +48,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_support.h"
 #include "pipeline/random_bundle.h"
 #include "voken/pipeline.h"
 
@@ -56,9 +57,7 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
+using voken::bench::seconds_since;
 
 struct Options {
   std::vector<std::string> shapes = {"tiny", "real"};
@@ -124,12 +123,7 @@ Options parse(int argc, char** argv) {
 }
 
 // VmHWM of this process in bytes.
-double peak_rss() {
-  std::ifstream status("/proc/self/status");
-  for (std::string line; std::getline(status, line);)
-    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) * 1024.0;
-  return 0;
-}
+double peak_rss() { return voken::bench::status_field("VmHWM:"); }
 
 std::string load_average() {
   std::ifstream in("/proc/loadavg");

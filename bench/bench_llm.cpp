@@ -57,6 +57,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bench_support.h"
 #include "core/parallel.h"
 #include "io/json_file.h"
 #include "io/safetensors.h"
@@ -66,11 +67,12 @@
 namespace {
 
 namespace fs = std::filesystem;
+using voken::bench::cpu_seconds;
+using voken::bench::in_child;
+using voken::bench::load_average;
+using voken::bench::seconds_since;
+using voken::bench::status_field;
 using voken::llm::Llama;
-
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
 
 struct Options {
   int threads = 2;
@@ -84,92 +86,7 @@ struct Options {
   bool omp_passive = false;
 };
 
-// /proc/self/status fields, in bytes.
-double status_field(const char* name) {
-  std::ifstream status("/proc/self/status");
-  std::string line;
-  while (std::getline(status, line))
-    if (line.rfind(name, 0) == 0) return std::strtod(line.c_str() + std::strlen(name), nullptr) * 1024.0;
-  return 0;
-}
-
-// User + system CPU seconds of this process so far.
-double cpu_seconds() {
-  rusage usage{};
-  ::getrusage(RUSAGE_SELF, &usage);
-  return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
-         1e-6 * static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec);
-}
-
-double load_average() {
-  double one = 0;
-  std::ifstream("/proc/loadavg") >> one;
-  return one;
-}
-
-double mem_available() {
-  std::ifstream meminfo("/proc/meminfo");
-  std::string line;
-  while (std::getline(meminfo, line))
-    if (line.rfind("MemAvailable:", 0) == 0) return std::strtod(line.c_str() + 13, nullptr) * 1024.0;
-  return 0;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Child processes (results travel back through a pipe as raw bytes).
-
-template <typename Result>
-struct Envelope {
-  bool ok = false;
-  char error[1024] = {};
-  Result value{};
-};
-
-template <typename Result>
-Result in_child(const std::string& what, const std::function<Result()>& body) {
-  static_assert(std::is_trivially_copyable_v<Result>, "results cross a pipe as raw bytes");
-  int fds[2];
-  if (::pipe(fds) != 0) throw std::runtime_error("pipe failed");
-  std::cout.flush();
-  std::fflush(stdout);
-  const pid_t pid = ::fork();
-  if (pid < 0) throw std::runtime_error("fork failed");
-  if (pid == 0) {
-    ::close(fds[0]);
-    Envelope<Result> envelope;
-    try {
-      envelope.value = body();
-      envelope.ok = true;
-    } catch (const std::exception& e) {
-      std::snprintf(envelope.error, sizeof envelope.error, "%s", e.what());
-    }
-    const auto* bytes = reinterpret_cast<const char*>(&envelope);
-    for (std::size_t done = 0; done < sizeof envelope;) {
-      const ssize_t n = ::write(fds[1], bytes + done, sizeof envelope - done);
-      if (n <= 0) ::_exit(3);
-      done += static_cast<std::size_t>(n);
-    }
-    std::fflush(stdout);
-    ::_exit(envelope.ok ? 0 : 2);
-  }
-  ::close(fds[1]);
-  Envelope<Result> envelope;
-  auto* bytes = reinterpret_cast<char*>(&envelope);
-  std::size_t done = 0;
-  while (done < sizeof envelope) {
-    const ssize_t n = ::read(fds[0], bytes + done, sizeof envelope - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    done += static_cast<std::size_t>(n);
-  }
-  ::close(fds[0]);
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  if (done != sizeof envelope)
-    throw std::runtime_error(what + ": child died (status " + std::to_string(status) + ")");
-  if (!envelope.ok) throw std::runtime_error(what + ": " + envelope.error);
-  return envelope.value;
-}
+double mem_available() { return voken::bench::proc_kb_field("/proc/meminfo", "MemAvailable:"); }
 
 // ---------------------------------------------------------------------------------------------
 // Read bandwidth: an AVX-512 sum of 32-bit words over byte ranges, split over the intra-op pool.

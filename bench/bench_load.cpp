@@ -46,6 +46,7 @@
 #include <utility>
 #include <vector>
 
+#include "bench_support.h"
 #include "io/safetensors.h"
 #include "io/state_dict.h"
 #include "io/torch_file.h"
@@ -53,6 +54,8 @@
 namespace {
 
 namespace fs = std::filesystem;
+using voken::bench::in_child;
+using voken::bench::seconds_since;
 
 constexpr double kGB = 1e9;
 constexpr double kMB = 1e6;
@@ -64,10 +67,6 @@ struct Options {
   std::string dir;
   bool keep = false;
 };
-
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
 
 // ---------------------------------------------------------------------------------------------
 // Process memory, from /proc/self/status (kB there, bytes here).
@@ -93,65 +92,6 @@ Memory memory_now() {
     field("RssFile:", m.file);
   }
   return m;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Running a measurement in a child process. Results travel back through a pipe as plain bytes,
-// so result types must be trivially copyable.
-
-template <typename Result>
-struct Envelope {
-  bool ok = false;
-  char error[512] = {};
-  Result value{};
-};
-
-template <typename Result>
-Result in_child(const std::string& what, const std::function<Result()>& body) {
-  static_assert(std::is_trivially_copyable_v<Result>, "results cross a pipe as raw bytes");
-  int fds[2];
-  if (::pipe(fds) != 0) throw std::runtime_error("pipe: " + std::string(std::strerror(errno)));
-  std::cout.flush();  // buffered output would otherwise be printed by both processes
-  std::fflush(stdout);
-  const pid_t pid = ::fork();
-  if (pid < 0) throw std::runtime_error("fork: " + std::string(std::strerror(errno)));
-  if (pid == 0) {
-    ::close(fds[0]);
-    Envelope<Result> envelope;
-    try {
-      envelope.value = body();
-      envelope.ok = true;
-    } catch (const std::exception& e) {
-      std::snprintf(envelope.error, sizeof envelope.error, "%s", e.what());
-    }
-    const auto* bytes = reinterpret_cast<const char*>(&envelope);
-    for (std::size_t done = 0; done < sizeof envelope;) {
-      const ssize_t n = ::write(fds[1], bytes + done, sizeof envelope - done);
-      if (n <= 0) ::_exit(3);
-      done += static_cast<std::size_t>(n);
-    }
-    // _exit: no static destructors or atexit handlers of libtorch in a forked copy.
-    ::_exit(envelope.ok ? 0 : 2);
-  }
-  ::close(fds[1]);
-  Envelope<Result> envelope;
-  auto* bytes = reinterpret_cast<char*>(&envelope);
-  std::size_t done = 0;
-  while (done < sizeof envelope) {
-    const ssize_t n = ::read(fds[0], bytes + done, sizeof envelope - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    done += static_cast<std::size_t>(n);
-  }
-  ::close(fds[0]);
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  if (done != sizeof envelope)
-    throw std::runtime_error(what + ": child died (wait status " + std::to_string(status) +
-                             (WIFSIGNALED(status) ? ", signal " + std::to_string(WTERMSIG(status)) : "") +
-                             ")");
-  if (!envelope.ok) throw std::runtime_error(what + ": " + envelope.error);
-  return envelope.value;
 }
 
 void apply_threads(const Options& options) {

@@ -38,6 +38,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench_support.h"
 #include "core/amx.h"
 #include "diffusion/amx_gemm.h"
 #include "diffusion/attention_kernels.h"
@@ -65,13 +66,7 @@ double peak_rss_gb() {
   return usage.ru_maxrss / 1024.0 / 1024.0;
 }
 
-double current_rss_gb() {
-  std::ifstream status("/proc/self/status");
-  std::string line;
-  while (std::getline(status, line))
-    if (line.rfind("VmRSS:", 0) == 0) return std::stod(line.substr(6)) / 1024.0 / 1024.0;
-  return 0;
-}
+double current_rss_gb() { return voken::bench::status_field("VmRSS:") / (1024.0 * 1024.0 * 1024.0); }
 
 // Best-of timing of `run` (after one warm-up call); returns {min, median} seconds.
 std::pair<double, double> time_it(const std::function<void()>& run, int reps) {
@@ -183,15 +178,10 @@ class OpProfiler {
   at::CallbackHandle handle_ = 0;
 };
 
-// Process CPU time (user + system) in seconds: on a shared machine, CPU time divided by the thread
-// count is a steadier measure of a parallel kernel than wall time (time spent descheduled is not
-// counted; cache sharing still is).
-double cpu_seconds() {
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return usage.ru_utime.tv_sec + usage.ru_stime.tv_sec +
-         1e-6 * (usage.ru_utime.tv_usec + usage.ru_stime.tv_usec);
-}
+// (CPU time, bench::cpu_seconds: on a shared machine, CPU time divided by the thread count is a
+// steadier measure of a parallel kernel than wall time; time spent descheduled is not counted,
+// cache sharing still is.)
+using voken::bench::cpu_seconds;
 
 // Min over reps (after a warm-up) of wall time and of CPU time per thread.
 std::pair<double, double> time_wall_cpu(const std::function<void()>& run, int reps, bool warm_up = true) {
@@ -741,8 +731,9 @@ int main(int argc, char** argv) {
   if (!quick) {
     peaks.bf16 = gemm_peak(at::kBFloat16);
     peaks.fp32 = gemm_peak(at::kFloat);
-    std::printf("GEMM peak (at::mm / at::linear, best of 5 shapes): bf16 %.0f GFLOP/s, fp32 %.0f GFLOP/s (%s)\n",
-                peaks.bf16, peaks.fp32, blas_kernels().c_str());
+    std::printf(
+        "GEMM peak (at::mm / at::linear, best of 5 shapes): bf16 %.0f GFLOP/s, fp32 %.0f GFLOP/s (%s)\n",
+        peaks.bf16, peaks.fp32, blas_kernels().c_str());
     conv_layouts();
   }
   if (only != "vae" && !quick) {
