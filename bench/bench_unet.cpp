@@ -11,6 +11,16 @@
 // fp32; VAE decode 6.9 s bf16 / 12.4 s fp32). Also: which convolution memory order oneDNN runs
 // faster here, and peak RSS.
 //
+// Measured (2 threads, OMP_WAIT_POLICY=passive, 2026-11-22; this VM's speed varies by up to ~1.5x
+// from run to run, so several runs are quoted as min-of-reps ranges, medians in brackets):
+//   UNet step bf16  2.02-2.62 s [2.38-2.98] = 2.1-2.7x the anchor, 614-796 GFLOP/s, 52-91% of
+//                   the at::mm bf16 peak measured in the same run (packed AMX convolutions run at
+//                   650-1350 GFLOP/s, so that peak understates the machine);
+//   UNet step fp32  16.2-16.8 s (0.95-0.98x; 14.1 s with OPENBLAS_CORETYPE=SkylakeX, 1.13x);
+//   VAE decode bf16 3.0-4.8 s [4.0-5.2] = 1.45-2.3x; fp32 13.6-16.3 s (0.76-0.91x: 91% of it is
+//                   oneDNN's fp32 3x3 convolutions, the same calls diffusers makes);
+//   peak RSS 5.3 GB for the whole run (UNet bf16 alone 3.5 GB).
+//
 // Usage: bench_unet [--threads N] [--reps N] [--skip-fp32] [--latent N] [--only unet|vae] [--attention-budget
 // SCORES]
 #include <ATen/ATen.h>
