@@ -111,7 +111,9 @@ LlamaAdapters read_llama_adapters(const io::StateDict& checkpoint, const Adapter
     if (result.replacements.count(name))
       problems.push_back(key + ": a second replacement for " + name);
     else
-      result.replacements.emplace(name, tensor.to(at::kFloat));
+      // As stored (typically a view of the mapped checkpoint): the model's loader converts it to
+      // its own dtype once, so no float32 copy of a vocab x hidden matrix is made on the way.
+      result.replacements.emplace(name, tensor);
   };
   auto check_adapter_name = [&](const std::string& adapter, const std::string& key) {
     if (!adapter.empty() && adapter != "default")

@@ -79,7 +79,7 @@ struct PrefixEncoder {
 // Everything read from an adapter checkpoint, keyed by Hugging Face LLaMA weight names
 // (e.g. "model.layers.0.self_attn.q_proj.weight").
 struct LlamaAdapters {
-  std::map<std::string, at::Tensor> replacements;  // whole tensors replacing the base ones
+  std::map<std::string, at::Tensor> replacements;  // whole tensors replacing the base ones, as stored
   std::map<std::string, LoraUpdate> lora;          // low-rank updates of base weights
   std::optional<PrefixEncoder> prefix;
   std::string source;  // where they came from, for errors
@@ -99,7 +99,9 @@ struct AdapterReadOptions {
 // Reads the LLM adapters from a checkpoint's tensors. Keys outside the two prefixes (the voken
 // mapper, fc, ...) belong to other components and are ignored. Under the prefixes every key must
 // be understood: unknown keys, a lora_A without its lora_B, ranks that disagree (with each other
-// or with LoraConfig::r) are all listed in one WeightsError. Tensors are converted to float32.
+// or with LoraConfig::r) are all listed in one WeightsError. LoRA factors and the
+// prefix encoder are converted to float32; whole-weight replacements stay as stored (the model
+// converts them once, to its own dtype).
 LlamaAdapters read_llama_adapters(const io::StateDict& checkpoint, const AdapterReadOptions& options = {});
 
 // `path`: a MiniGPT-5 checkpoint (Lightning .ckpt or any file StateDict reads), or a PEFT adapter

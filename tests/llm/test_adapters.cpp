@@ -10,6 +10,7 @@
 
 #include "common/test_support.h"
 #include "io/safetensors.h"
+#include "io/state_dict.h"
 #include "io/torch_file.h"
 #include "llm/adapters.h"
 #include "llm/decoder.h"
@@ -324,6 +325,19 @@ TEST_F(AdapterTest, StageOneAndModulesToSaveReplaceEmbeddingsWithMoreRows) {
         tiny::reference_forward(spec, w, w.at("model.embed_tokens.weight").index_select(0, ids[0]));
     EXPECT_LT(max_diff(model.forward(ids).logits[0], ref.logits), 2e-5) << ckpt;
   }
+
+  // A bf16 checkpoint: the replacements stay bf16 views of the mapped file (no float32 copy of a
+  // vocab x hidden matrix), and the model converts them to its own dtype.
+  write_lightning_ckpt(dir_.file("stage1_bf16.ckpt"),
+                       {{"model.llama_model.model.embed_tokens.weight", embed.to(at::kBFloat16)},
+                        {"model.llama_model.lm_head.weight", head.to(at::kBFloat16)}});
+  const io::StateDict stored = io::StateDict::load(dir_.file("stage1_bf16.ckpt"));
+  const LlamaAdapters read = read_llama_adapters(stored);
+  const at::Tensor& replacement = read.replacements.at("model.embed_tokens.weight");
+  EXPECT_EQ(replacement.scalar_type(), at::kBFloat16);
+  EXPECT_EQ(replacement.data_ptr(), stored.at("model.llama_model.model.embed_tokens.weight").data_ptr());
+  const Llama from_bf16 = load(dir_.file("stage1_bf16.ckpt"));
+  EXPECT_EQ(from_bf16.vocab_size(), vocab);
 
   write_lightning_ckpt(dir_.file("uneven.ckpt"),
                        {{"model.llama_model.model.embed_tokens.weight", embed},
