@@ -71,7 +71,8 @@ struct TextOptions {
   double top_p = 0.9;               // (0, 1]
   double repetition_penalty = 2.0;  // >= 1 (1: off); sees the generated tokens only, like upstream
   int64_t min_new_tokens = 1;       // EOS suppressed before this many tokens
-  int64_t max_new_tokens = 256;     // sampled tokens (the 7 vokens forced after [IMG0] do not count, as upstream)
+  // Sampled tokens (the 7 vokens forced after [IMG0] do not count, as upstream).
+  int64_t max_new_tokens = 256;
 };
 
 // How each image is drawn. Defaults: diffusers' StableDiffusionPipeline as upstream calls it.
@@ -124,8 +125,8 @@ struct ProgressEvent {
   Stage stage = Stage::Token;
   int64_t current = 0;
   int64_t total = 0;
-  int64_t image = 0;   // index of the image being drawn (Denoise, ImageDone)
-  std::string text;    // Token: the text this token completed (may be empty mid-character)
+  int64_t image = 0;  // index of the image being drawn (Denoise, ImageDone)
+  std::string text;   // Token: the text this token completed (may be empty mid-character)
 };
 // Return false to cancel: generate_interleaved() then throws voken::Cancelled.
 using ProgressCallback = std::function<bool(const ProgressEvent&)>;
@@ -184,7 +185,8 @@ class Pipeline {
   // ArgumentError for an empty segment list, an empty text-only prompt, options out of range,
   // more images than the context holds; FileNotFoundError / FormatError for unreadable images;
   // Cancelled when the callback returns false.
-  GenerateResult generate_interleaved(const std::vector<Segment>& segments, const GenerateOptions& options = {},
+  GenerateResult generate_interleaved(const std::vector<Segment>& segments,
+                                      const GenerateOptions& options = {},
                                       const ProgressCallback& progress = {}) const;
 
   // The prompt generate_interleaved() would build (text with <ImageHere> placeholders).

@@ -208,7 +208,6 @@ bool iequals_suffix(const std::string& text, const std::string& suffix) {
 
 }  // namespace
 
-
 const char* format_name(ImageFormat format) {
   switch (format) {
     case ImageFormat::Jpeg:

@@ -47,8 +47,8 @@ ParityCase::~ParityCase() {
   if (!finished_) finish();
 }
 
-void ParityCase::compare(const std::string& output, const at::Tensor& got, const at::Tensor& want, double atol,
-                         double rtol) {
+void ParityCase::compare(const std::string& output, const at::Tensor& got, const at::Tensor& want,
+                         double atol, double rtol) {
   atol_ = std::max(atol_, atol);
   if (!got.defined() || !want.defined() || !got.sizes().equals(want.sizes())) {
     pass_ = false;
@@ -78,14 +78,15 @@ void ParityCase::compare_exact(const std::string& output, const at::Tensor& got,
   if (!ok) {
     pass_ = false;
     max_abs_err_ = INFINITY;
-    ADD_FAILURE() << component_ << "/" << case_name_ << " " << output << ": got " << got << " expected " << want;
+    ADD_FAILURE() << component_ << "/" << case_name_ << " " << output << ": got " << got << " expected "
+                  << want;
   }
 }
 
 bool ParityCase::finish() {
   finished_ = true;
-  std::printf("PARITY %s/%s max_abs_err=%.3g atol=%.3g %s\n", component_.c_str(), case_name_.c_str(), max_abs_err_,
-              atol_, pass_ ? "PASS" : "FAIL");
+  std::printf("PARITY %s/%s max_abs_err=%.3g atol=%.3g %s\n", component_.c_str(), case_name_.c_str(),
+              max_abs_err_, atol_, pass_ ? "PASS" : "FAIL");
   std::fflush(stdout);
   return pass_;
 }
