@@ -16,6 +16,7 @@
 #include "core/parallel.h"
 #include "core/simd_avx512.h"
 #include "core/work_ranges.h"
+#include "io/tensor_bytes.h"  // shape_string
 #include "voken/error.h"
 
 // GCC 12 reports its own AVX-512 intrinsics as possibly reading uninitialised vectors; they do not.
@@ -375,11 +376,9 @@ VOKEN_AMX void pack_any(const at::Tensor& x, Problem& p, bf16_bits* packed, int6
 // ---------------------------------------------------------------------------------------------
 // Attention: softmax((q scale) k^T) v per head, one 32-query block per work unit.
 
-struct AttentionProblem {
-  const bf16_bits *q = nullptr, *k = nullptr, *v = nullptr;
+struct AttentionProblem : AttentionOperands {
   bf16_bits* out = nullptr;
-  int64_t batch = 0, heads = 0, head_dim = 0, queries = 0, keys = 0;
-  int64_t q_batch = 0, q_row = 0, k_batch = 0, k_row = 0, v_batch = 0, v_row = 0, o_batch = 0, o_row = 0;
+  int64_t o_batch = 0, o_row = 0;
   int64_t d_steps = 0;     // head_dim in 32-deep steps (the q k^T reduction)
   int64_t d_blocks = 0;    // head_dim in 16-wide blocks, rounded up to pairs (P v output columns)
   int64_t key_blocks = 0;  // keys in 16-wide blocks, rounded up to pairs
@@ -431,6 +430,27 @@ struct AttentionScratch {
   }
 };
 
+// C tiles 0-3 = A B over `steps` 32-deep steps: A is two 16-row tiles (rows of `a`, `a_stride`
+// elements apart, 32 elements per step), B two packed 16-column blocks (b0, b1, kPackedBlock
+// elements per step). Tiles 4-7 hold the operands.
+VOKEN_AMX inline void tile_product_2x2(const bf16_bits* a, int64_t a_stride, const bf16_bits* b0,
+                                       const bf16_bits* b1, int64_t steps) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(4, a + s * 32, a_stride * 2);
+    _tile_loadd(6, b0 + s * kPackedBlock, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, b1 + s * kPackedBlock, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, a + 16 * a_stride + s * 32, a_stride * 2);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
 VOKEN_AMX void attention_block(const AttentionProblem& p, int64_t unit, AttentionScratch& w) {
   const int64_t q_blocks = (p.queries + 31) / 32;
   const int64_t bh = unit / q_blocks, q0 = unit % q_blocks * 32;
@@ -452,20 +472,7 @@ VOKEN_AMX void attention_block(const AttentionProblem& p, int64_t unit, Attentio
   const bf16_bits* pk = p.packed_k + bh * p.packed_k_size;
   const int64_t k_block_stride = p.d_steps * kPackedBlock;
   for (int64_t kb = 0; kb < p.key_blocks; kb += 2) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t ds = 0; ds < p.d_steps; ++ds) {
-      _tile_loadd(4, w.q + ds * 32, dp * 2);
-      _tile_loadd(6, pk + kb * k_block_stride + ds * kPackedBlock, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_loadd(7, pk + (kb + 1) * k_block_stride + ds * kPackedBlock, 64);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_loadd(5, w.q + 16 * dp + ds * 32, dp * 2);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
+    tile_product_2x2(w.q, dp, pk + kb * k_block_stride, pk + (kb + 1) * k_block_stride, p.d_steps);
     _tile_stored(0, w.s + kb * 16, kp * 4);
     _tile_stored(1, w.s + kb * 16 + 16, kp * 4);
     _tile_stored(2, w.s + 16 * kp + kb * 16, kp * 4);
@@ -504,20 +511,7 @@ VOKEN_AMX void attention_block(const AttentionProblem& p, int64_t unit, Attentio
   const int64_t v_block_stride = p.key_steps * kPackedBlock;
   bf16_bits* out = p.out + b * p.o_batch + q0 * p.o_row + h * p.head_dim;
   for (int64_t db = 0; db < p.d_blocks; db += 2) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t ks = 0; ks < p.key_steps; ++ks) {
-      _tile_loadd(4, w.pr + ks * 32, kp * 2);
-      _tile_loadd(6, pv + db * v_block_stride + ks * kPackedBlock, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_loadd(7, pv + (db + 1) * v_block_stride + ks * kPackedBlock, 64);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_loadd(5, w.pr + 16 * kp + ks * 32, kp * 2);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
+    tile_product_2x2(w.pr, kp, pv + db * v_block_stride, pv + (db + 1) * v_block_stride, p.key_steps);
     _tile_stored(0, w.o, 128);
     _tile_stored(1, w.o + 16, 128);
     _tile_stored(2, w.o + 16 * 32, 128);
@@ -671,51 +665,61 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& weight, const at::T
   return amx_linear_many(x, {AmxLinearJob{weight, bias, activation, residual}}, out_dtype).front();
 }
 
+AttentionOperands attention_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     int64_t heads, const std::string& what) {
+  const auto shape = [](const at::Tensor& t) {
+    return t.defined() ? std::string(c10::toString(t.scalar_type())) + " " + io::shape_string(t.sizes())
+                       : std::string("undefined");
+  };
+  const auto fits = [](const at::Tensor& t) {
+    return t.defined() && t.dim() == 3 && t.scalar_type() == at::kBFloat16 && t.device().is_cpu() &&
+           t.stride(2) == 1;
+  };
+  if (!fits(q) || !fits(k) || !fits(v) || heads <= 0 || q.size(2) % heads != 0 || k.size(2) != q.size(2) ||
+      v.size(2) != q.size(2) || k.size(0) != q.size(0) || v.size(0) != q.size(0) || v.size(1) != k.size(1) ||
+      k.size(1) < 1)
+    throw ArgumentError(what +
+                        ": expected bfloat16 CPU tensors q [B, Tq, heads * D], k and v [B, Tk, heads * D] "
+                        "(Tk >= 1, unit stride in the last dimension) for " +
+                        std::to_string(heads) + " heads, got q " + shape(q) + ", k " + shape(k) + ", v " +
+                        shape(v));
+  AttentionOperands o;
+  o.q = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  o.k = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
+  o.v = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  o.batch = q.size(0);
+  o.heads = heads;
+  o.head_dim = q.size(2) / heads;
+  o.queries = q.size(1);
+  o.keys = k.size(1);
+  o.q_batch = q.stride(0);
+  o.q_row = q.stride(1);
+  o.k_batch = k.stride(0);
+  o.k_row = k.stride(1);
+  o.v_batch = v.stride(0);
+  o.v_row = v.stride(1);
+  return o;
+}
+
 at::Tensor amx_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
                          double scale) {
   if (!has_amx_bf16()) throw ArgumentError("amx_attention: this CPU (or OS) does not offer AMX-BF16");
-  for (const at::Tensor* t : {&q, &k, &v})
-    if (!t->defined() || t->dim() != 3 || t->scalar_type() != at::kBFloat16 || !t->device().is_cpu() ||
-        t->stride(2) != 1)
-      throw ArgumentError(
-          "amx_attention: q, k and v must be 3-D bfloat16 CPU tensors [B, T, heads * D] with "
-          "unit stride in the last dimension");
-  const int64_t width = q.size(2);
-  if (heads <= 0 || width % heads != 0 || k.size(2) != width || v.size(2) != width ||
-      k.size(0) != q.size(0) || v.size(0) != q.size(0) || v.size(1) != k.size(1))
-    throw ArgumentError("amx_attention: q " + std::to_string(q.size(0)) + "x" + std::to_string(q.size(1)) +
-                        "x" + std::to_string(width) + ", k " + std::to_string(k.size(0)) + "x" +
-                        std::to_string(k.size(1)) + "x" + std::to_string(k.size(2)) + " and v do not fit " +
-                        std::to_string(heads) + " heads");
-  const int64_t head_dim = width / heads;
-  if (!amx_attention_supported(head_dim, k.size(1)))
-    throw ArgumentError(
-        "amx_attention: head_dim " + std::to_string(head_dim) + " / " + std::to_string(k.size(1)) +
-        " keys are outside the kernel's range (head_dim <= " + std::to_string(kAmxAttentionMaxHeadDim) +
-        ", 1 to " + std::to_string(kAmxAttentionMaxKeys) + " keys)");
-  at::Tensor out = at::empty({q.size(0), q.size(1), width}, q.options());
-  if (q.size(0) == 0 || q.size(1) == 0) return out;
+  const AttentionOperands operands = attention_operands(q, k, v, heads, "amx_attention");
+  if (!amx_attention_supported(operands.head_dim, operands.keys))
+    throw ArgumentError("amx_attention: head_dim " + std::to_string(operands.head_dim) + " / " +
+                        std::to_string(operands.keys) + " keys are outside the kernel's range (head_dim <= " +
+                        std::to_string(kAmxAttentionMaxHeadDim) + ", 1 to " +
+                        std::to_string(kAmxAttentionMaxKeys) + " keys)");
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (operands.batch == 0 || operands.queries == 0) return out;
 #ifdef VOKEN_HAVE_AMX
   AttentionProblem p;
-  p.q = reinterpret_cast<const bf16_bits*>(q.data_ptr<at::BFloat16>());
-  p.k = reinterpret_cast<const bf16_bits*>(k.data_ptr<at::BFloat16>());
-  p.v = reinterpret_cast<const bf16_bits*>(v.data_ptr<at::BFloat16>());
+  static_cast<AttentionOperands&>(p) = operands;
   p.out = reinterpret_cast<bf16_bits*>(out.data_ptr<at::BFloat16>());
-  p.batch = q.size(0);
-  p.heads = heads;
-  p.head_dim = head_dim;
-  p.queries = q.size(1);
-  p.keys = k.size(1);
-  p.q_batch = q.stride(0);
-  p.q_row = q.stride(1);
-  p.k_batch = k.stride(0);
-  p.k_row = k.stride(1);
-  p.v_batch = v.stride(0);
-  p.v_row = v.stride(1);
   p.o_batch = out.stride(0);
   p.o_row = out.stride(1);
-  p.d_steps = (head_dim + 31) / 32;
-  p.d_blocks = (head_dim + 31) / 32 * 2;
+  p.d_steps = (p.head_dim + 31) / 32;
+  p.d_blocks = (p.head_dim + 31) / 32 * 2;
   p.key_blocks = (p.keys + 31) / 32 * 2;
   p.key_steps = p.key_blocks / 2;
   p.scale = static_cast<float>(scale);

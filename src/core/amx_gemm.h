@@ -23,6 +23,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "core/amx.h"  // has_amx_bf16
@@ -46,6 +47,20 @@ std::vector<at::Tensor> amx_linear_many(const at::Tensor& x, const std::vector<A
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias = {},
                       at::ScalarType out_dtype = at::kFloat, Activation activation = Activation::None,
                       const at::Tensor& residual = {});
+
+// The operands of the bf16 multi-head attention kernels (amx_attention below and the UNet's
+// diffusion::fused_attention_bf16): q [B, Tq, heads * D], k and v [B, Tk, heads * D], unit stride
+// in the last dimension, rows possibly strided (e.g. views of a fused qkv product).
+struct AttentionOperands {
+  const uint16_t *q = nullptr, *k = nullptr, *v = nullptr;  // bfloat16 bits
+  int64_t batch = 0, heads = 0, head_dim = 0, queries = 0, keys = 0;
+  int64_t q_batch = 0, q_row = 0, k_batch = 0, k_row = 0, v_batch = 0, v_row = 0;  // strides (elements)
+};
+// Checks q, k and v against that layout (3-D bfloat16 CPU tensors, equal widths divisible by
+// `heads`, equal batches, k and v of equal length, at least one key) and describes them; throws
+// ArgumentError naming `what` and the shapes otherwise.
+AttentionOperands attention_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     int64_t heads, const std::string& what);
 
 // Multi-head attention for bf16 activations (the vision encoder's): softmax((q * scale) k^T) v
 // per head, q [B, Tq, heads * D], k and v [B, Tk, heads * D] (unit stride in the last dimension,

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/amx.h"
+#include "core/amx_gemm.h"  // AttentionOperands
 #include "core/bf16_ops.h"
 #include "core/parallel.h"
 #include "core/simd_avx512.h"
@@ -38,13 +39,8 @@ constexpr float kRescaleThreshold = 8.0f;
 
 using bf16_bits = uint16_t;
 
-struct Problem {
-  const bf16_bits* q = nullptr;
-  const bf16_bits* k = nullptr;
-  const bf16_bits* v = nullptr;
+struct Problem : core::AttentionOperands {
   bf16_bits* out = nullptr;
-  int64_t batch = 0, heads = 0, head_dim = 0, queries = 0, keys = 0;
-  int64_t q_batch = 0, q_row = 0, k_batch = 0, k_row = 0, v_batch = 0, v_row = 0;  // strides (elements)
   int64_t dq = 0;           // head_dim rounded up to 32: the Q K^T reduction, in 32-deep steps
   int64_t dv = 0;           // head_dim rounded up to 16: P V output columns, 16 per tile
   int64_t keys_padded = 0;  // keys rounded up to kKeys
@@ -253,36 +249,15 @@ at::Tensor fused_attention_bf16(const at::Tensor& q, const at::Tensor& k, const 
                                 double scale) {
   if (!core::has_amx_bf16())
     throw ArgumentError("fused_attention_bf16: this CPU/OS does not provide AMX-BF16");
-  const auto fits = [&](const at::Tensor& t) {
-    return t.defined() && t.dim() == 3 && t.scalar_type() == at::kBFloat16 && t.stride(2) == 1 &&
-           t.device().is_cpu();
-  };
-  if (!fits(q) || !fits(k) || !fits(v) || heads <= 0 || q.size(2) % heads != 0 || k.size(2) != q.size(2) ||
-      v.size(2) != q.size(2) || k.size(0) != q.size(0) || v.size(0) != q.size(0) || v.size(1) != k.size(1) ||
-      q.size(2) / heads > kFusedAttentionMaxHeadDim || k.size(1) < 1)
-    throw ArgumentError(
-        "fused_attention_bf16: expected bfloat16 q [B, Nq, H*D], k and v [B, Nk, H*D] with unit "
-        "last stride and D <= " +
-        std::to_string(kFusedAttentionMaxHeadDim));
   Problem p;
-  p.batch = q.size(0);
-  p.heads = heads;
-  p.head_dim = q.size(2) / heads;
-  p.queries = q.size(1);
-  p.keys = k.size(1);
-  p.q_batch = q.stride(0);
-  p.q_row = q.stride(1);
-  p.k_batch = k.stride(0);
-  p.k_row = k.stride(1);
-  p.v_batch = v.stride(0);
-  p.v_row = v.stride(1);
+  static_cast<core::AttentionOperands&>(p) = core::attention_operands(q, k, v, heads, "fused_attention_bf16");
+  if (p.head_dim > kFusedAttentionMaxHeadDim)
+    throw ArgumentError("fused_attention_bf16: heads of " + std::to_string(p.head_dim) +
+                        " dimensions, the kernel takes up to " + std::to_string(kFusedAttentionMaxHeadDim));
   p.dq = (p.head_dim + 31) / 32 * 32;
   p.dv = (p.head_dim + 15) / 16 * 16;
   p.keys_padded = (p.keys + kKeys - 1) / kKeys * kKeys;
   p.scale = static_cast<float>(scale);
-  p.q = reinterpret_cast<const bf16_bits*>(q.data_ptr<at::BFloat16>());
-  p.k = reinterpret_cast<const bf16_bits*>(k.data_ptr<at::BFloat16>());
-  p.v = reinterpret_cast<const bf16_bits*>(v.data_ptr<at::BFloat16>());
   at::Tensor out =
       at::empty({p.batch, p.queries, q.size(2)}, q.options().memory_format(at::MemoryFormat::Contiguous));
   p.out = reinterpret_cast<bf16_bits*>(out.data_ptr<at::BFloat16>());
