@@ -48,6 +48,11 @@ at::ScalarType parse_dtype(const std::string& name, const char* what = "dtype");
 std::optional<at::ScalarType> parse_optional_dtype(const pybind11::object& name, const char* what = "dtype");
 std::string dtype_name(at::ScalarType type);
 
+// A loader's num_threads argument: None keeps the process's thread count (importing voken set
+// one per core, unless OMP_NUM_THREADS; voken.set_num_threads changes it), so a load does not undo
+// an explicit choice; an int is passed on (0: automatic, < 0 rejected by the loader).
+int thread_count_option(const std::optional<int>& num_threads);
+
 // An image argument -> RGB pixels, through voken._images.as_image_source: a path (str or
 // os.PathLike), encoded bytes, a PIL image or a numpy array (HWC uint8 RGB, also HW gray and
 // HWC RGBA). FileNotFoundError / FormatError / ValueError as the source calls for.

@@ -1,5 +1,6 @@
 // Helpers shared by the binding files: dtype names, image arguments, callbacks without the GIL.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -37,6 +38,10 @@ std::optional<at::ScalarType> parse_optional_dtype(const py::object& name, const
   } catch (py::error_already_set&) {
     return parse_dtype(py::str(name).cast<std::string>(), what);
   }
+}
+
+int thread_count_option(const std::optional<int>& num_threads) {
+  return num_threads ? *num_threads : at::get_num_threads();
 }
 
 std::string dtype_name(at::ScalarType type) {

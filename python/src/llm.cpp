@@ -69,21 +69,22 @@ void bind_llm(py::module_& m) {
       .def_static(
           "load",
           [](const Path& model_dir, const py::object& dtype, const std::optional<Path>& adapter,
-             bool merge_lora, int num_threads, bool strict) {
+             bool merge_lora, std::optional<int> num_threads, bool strict) {
             llm::LlamaLoadOptions options;
             options.dtype = parse_optional_dtype(dtype).value_or(at::kFloat);
             options.adapter_path = adapter ? adapter->string() : std::string();
             options.merge_lora = merge_lora;
-            options.num_threads = num_threads;
+            options.num_threads = thread_count_option(num_threads);
             options.strict = strict;
             py::gil_scoped_release release;
             return std::make_shared<Llama>(Llama::load(model_dir.string(), options));
           },
           py::arg("model_dir"), py::arg("dtype") = py::none(), py::arg("adapter") = py::none(),
-          py::arg("merge_lora") = true, py::arg("num_threads") = 0, py::arg("strict") = true,
+          py::arg("merge_lora") = true, py::arg("num_threads") = py::none(), py::arg("strict") = true,
           "An HF LLaMA directory (config.json + safetensors/bin, sharded or not). dtype: 'float32' "
           "(default) or 'bfloat16'. adapter: a MiniGPT-5 .ckpt or a PEFT adapter directory applied on "
-          "top (LoRA merged unless merge_lora=False).")
+          "top (LoRA merged unless merge_lora=False). num_threads: None keeps the process's thread count, an "
+          "int sets it (0: one per core unless $OMP_NUM_THREADS).")
       .def_property_readonly("config", [](const Llama& l) { return config_dict(l.config()); })
       .def_property_readonly("vocab_size", &Llama::vocab_size)
       .def_property_readonly("hidden_size", &Llama::hidden_size)

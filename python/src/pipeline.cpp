@@ -197,18 +197,18 @@ void bind_pipeline(py::module_& m) {
                                                   "Native MiniGPT-5 pipeline; use voken.Pipeline.")
       .def_static(
           "load",
-          [](const Path& manifest, const std::string& dtype, const std::string& device, int num_threads,
-             bool load_diffusion) {
+          [](const Path& manifest, const std::string& dtype, const std::string& device,
+             std::optional<int> num_threads, bool load_diffusion) {
             LoadOptions options;
             options.dtype = dtype;
             options.device = device;
-            options.num_threads = num_threads;
+            options.num_threads = thread_count_option(num_threads);
             options.load_diffusion = load_diffusion;
             py::gil_scoped_release release;
             return std::make_shared<Pipeline>(Pipeline::load(manifest.string(), options));
           },
-          py::arg("manifest"), py::arg("dtype") = "", py::arg("device") = "", py::arg("num_threads") = 0,
-          py::arg("load_diffusion") = true)
+          py::arg("manifest"), py::arg("dtype") = "", py::arg("device") = "",
+          py::arg("num_threads") = py::none(), py::arg("load_diffusion") = true)
       .def(
           "generate",
           [](const Pipeline& pipeline, const py::object& segments, const GenerateOptions& options,

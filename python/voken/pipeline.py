@@ -142,19 +142,20 @@ class Pipeline:
         self.manifest = manifest
 
     @classmethod
-    def load(cls, manifest, device=None, dtype=None, num_threads=0, load_diffusion=True):
+    def load(cls, manifest, device=None, dtype=None, num_threads=None, load_diffusion=True):
         """Loads the bundle a manifest (bundle.json, see docs/bundle.md) describes.
 
         device: None (the manifest's, default "cpu"), "cpu", "cuda", "cuda:N".
         dtype: None (the manifest's, default "bfloat16"), "float32" or "bfloat16", for every part.
-        num_threads: libtorch's intra-op threads (process-wide); 0: $OMP_NUM_THREADS
-                when set, else one per core.
+        num_threads: None keeps the process's libtorch intra-op thread count (importing voken
+                set one per core unless $OMP_NUM_THREADS; see voken.set_num_threads); an int sets
+                it, process-wide (0: $OMP_NUM_THREADS when set, else one per core).
         load_diffusion: False loads a text-only pipeline (images are read, not drawn).
         Every part is checked before any weight is loaded; the problems come in one exception
         (FileNotFoundError, or voken.ConfigError / voken.WeightsError, both ValueErrors).
         """
-        native = _voken._Pipeline.load(os.fspath(manifest), dtype or "", device or "", int(num_threads),
-                                       bool(load_diffusion))
+        threads = None if num_threads is None else int(num_threads)
+        native = _voken._Pipeline.load(os.fspath(manifest), dtype or "", device or "", threads, bool(load_diffusion))
         return cls(native, os.path.abspath(os.fspath(manifest)))
 
     def generate_interleaved(self, segments, *, seed=0, max_new_tokens=256, temperature=1.0, top_p=0.9,

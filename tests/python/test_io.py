@@ -289,12 +289,20 @@ def test_import_without_torch():
 
 def test_threads_default_to_one_per_core():
     # Debian's libtorch starts with one intra-op thread on some multi-core machines; importing
-    # voken sets one per core unless OMP_NUM_THREADS says otherwise, and set_num_threads changes it.
+    # voken sets one per core unless OMP_NUM_THREADS says otherwise, set_num_threads changes it,
+    # and a load keeps it unless given num_threads.
     run_isolated("import os, voken\n"
                  "threads = voken.build_info()['intra_op_threads']\n"
                  "assert threads == os.cpu_count(), (threads, os.cpu_count())\n"
                  "voken.set_num_threads(1)\n"
                  "assert voken.build_info()['intra_op_threads'] == 1\n"
+                 "import tempfile\n"
+                 "with tempfile.TemporaryDirectory() as directory:\n"
+                 "    bundle = voken.write_random_bundle(directory, shape='tiny')\n"
+                 "    voken.Pipeline.load(bundle, load_diffusion=False)\n"
+                 "    assert voken.build_info()['intra_op_threads'] == 1, 'a load undid set_num_threads'\n"
+                 "    voken.Pipeline.load(bundle, load_diffusion=False, num_threads=0)\n"
+                 "    assert voken.build_info()['intra_op_threads'] == os.cpu_count()\n"
                  "try:\n"
                  "    voken.set_num_threads(-1)\n"
                  "    raise SystemExit('a negative thread count was accepted')\n"
@@ -306,9 +314,7 @@ def test_threads_default_to_one_per_core():
 def test_openblas_uses_avx512_kernels_where_the_cpu_has_them():
     # In VMs OpenBLAS may not know the CPU model and fall back to AVX2 kernels (half the fp32
     # GEMM speed); importing voken asks for its AVX-512 ones first where the CPU has them.
-    with open("/proc/cpuinfo") as cpuinfo:
-        flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    if not {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"} <= set(flags):
+    if not voken._cpu_has_avx512():
         pytest.skip("this CPU has no AVX-512")
     run_isolated("import ctypes, os, voken\n"
                  "assert os.environ.get('OPENBLAS_CORETYPE') == 'SkylakeX', os.environ.get('OPENBLAS_CORETYPE')\n"
