@@ -7,6 +7,22 @@
 
 namespace voken::test {
 
+io::Json golden_parts_manifest(const std::string& root, const std::string& tokenizer) {
+  io::Json json;
+  json["voken_bundle"] = 1;
+  json["dtype"] = "float32";
+  json["llm"] = {{"path", root + "/lora/model"}};
+  json["tokenizer"] = {{"path", tokenizer}};
+  json["vision"] = {{"vit", root + "/vision/model/eva_vit_g.pth"},
+                    {"qformer", root + "/vision/model/blip2_pretrained_flant5xxl.pth"},
+                    {"projection", root + "/vision/model/prerained_minigpt4_7b.pth"},
+                    {"config", root + "/vision/model/config.json"}};
+  json["minigpt5"] = {{"stage1", root + "/mapper/model/minigpt5_stage1.ckpt"},
+                      {"stage2", root + "/lora/model/minigpt5_stage2.ckpt"}};
+  json["diffusion"] = {{"path", root + "/sd_loop/model"}};
+  return json;
+}
+
 std::optional<GoldenSet> GoldenSet::open(const std::string& component) {
   const std::string dir = golden_component(component);
   if (dir.empty()) return std::nullopt;

@@ -16,6 +16,11 @@
 
 namespace voken::test {
 
+// A bundle manifest (docs/bundle.md; float32) made of the golden folders' parts under `root`:
+// LLaMA + stage-2 LoRA (lora), image encoder (vision), stage-1 mapper (mapper) and Stable
+// Diffusion (sd_loop). The goldens hold no tokenizer of their own, so the caller names one.
+io::Json golden_parts_manifest(const std::string& root, const std::string& tokenizer);
+
 class GoldenSet {
  public:
   // nullopt when the folder is absent (the caller should GTEST_SKIP with the returned reason).

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <string>
 
+#include "common/golden.h"
 #include "common/test_support.h"
 #include "io/json_file.h"
 #include "pipeline/bundle.h"
@@ -163,19 +164,7 @@ struct GoldenParts {
     return true;
   }
   io::Json manifest() const {
-    io::Json json;
-    json["voken_bundle"] = 1;
-    json["dtype"] = "float32";
-    json["llm"] = {{"path", root + "/lora/model"}};
-    json["tokenizer"] = {{"path", root + "/../assets/llama/tokenizer.model"}};
-    json["vision"] = {{"vit", root + "/vision/model/eva_vit_g.pth"},
-                      {"qformer", root + "/vision/model/blip2_pretrained_flant5xxl.pth"},
-                      {"projection", root + "/vision/model/prerained_minigpt4_7b.pth"},
-                      {"config", root + "/vision/model/config.json"}};
-    json["minigpt5"] = {{"stage1", root + "/mapper/model/minigpt5_stage1.ckpt"},
-                        {"stage2", root + "/lora/model/minigpt5_stage2.ckpt"}};
-    json["diffusion"] = {{"path", root + "/sd_loop/model"}};
-    return json;
+    return test::golden_parts_manifest(root, root + "/../assets/llama/tokenizer.model");
   }
 };
 

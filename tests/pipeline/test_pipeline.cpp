@@ -8,9 +8,11 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "common/golden.h"
 #include "common/test_support.h"
 #include "io/json_file.h"
 #include "pipeline/pipeline_impl.h"
@@ -60,6 +62,16 @@ class PipelineTest : public ::testing::Test {
     options.image.height = 64;
     options.image.width = 64;
     options.text.max_new_tokens = 48;
+    return options;
+  }
+
+  // fast(seed), with one image forced (force_image, max_images 1), after at most
+  // `max_new_tokens` sampled tokens when given.
+  static GenerateOptions one_forced_image(uint64_t seed, std::optional<int64_t> max_new_tokens = {}) {
+    GenerateOptions options = fast(seed);
+    options.force_image = true;
+    options.max_images = 1;
+    if (max_new_tokens) options.text.max_new_tokens = *max_new_tokens;
     return options;
   }
 
@@ -127,9 +139,7 @@ TEST_F(PipelineTest, ForceImageGivesAnImageAndTextGoesOnAfterIt) {
   // after it depends on the sampling, so the first seed whose response goes on is taken.
   bool text_after_image = false;
   for (uint64_t seed = 0; seed < 12 && !text_after_image; ++seed) {
-    GenerateOptions options = fast(seed);
-    options.force_image = true;
-    options.max_images = 1;
+    GenerateOptions options = one_forced_image(seed);
     const GenerateResult r = pipe_->generate_interleaved({Segment::text("Tell me a story.")}, options);
     ASSERT_EQ(r.images, 1) << r.raw_text;
     ASSERT_EQ(count_images(r), 1);
@@ -197,9 +207,7 @@ TEST_F(PipelineTest, TwoImagesInOneResponseAndMaxImages) {
 }
 
 TEST_F(PipelineTest, ProgressEventsAndCancel) {
-  GenerateOptions options = fast(1);
-  options.force_image = true;
-  options.max_images = 1;
+  GenerateOptions options = one_forced_image(1);
   std::vector<ProgressEvent> events;
   const std::vector<Segment> input = {Segment::text("Look:"), Segment::image(photo(32, 32, 50))};
   const GenerateResult r = pipe_->generate_interleaved(input, options, [&](const ProgressEvent& e) {
@@ -279,10 +287,7 @@ TEST_F(PipelineTest, ImagesFromFilesBytesAndPixelsAgree) {
 }
 
 TEST_F(PipelineTest, SchedulerOverride) {
-  GenerateOptions options = fast(5);
-  options.force_image = true;
-  options.max_images = 1;
-  options.text.max_new_tokens = 2;
+  GenerateOptions options = one_forced_image(5, 2);
   const GenerateResult pndm = pipe_->generate_interleaved({Segment::text("x")}, options);
   options.image.scheduler = "euler";
   const GenerateResult euler = pipe_->generate_interleaved({Segment::text("x")}, options);
@@ -380,10 +385,7 @@ TEST_F(PipelineTest, Bfloat16PipelineDrawsToo) {
   const Pipeline pipe = Pipeline::load(manifest_, bf16);
   EXPECT_EQ(pipe.impl().llm().weight_dtype(), at::kBFloat16);
   EXPECT_EQ(pipe.impl().mapper().dtype(), at::kBFloat16);
-  GenerateOptions options = fast(6);
-  options.force_image = true;
-  options.max_images = 1;
-  options.text.max_new_tokens = 3;
+  GenerateOptions options = one_forced_image(6, 3);
   const GenerateResult r =
       pipe.generate_interleaved({Segment::text("x"), Segment::image(photo(16, 16, 3))}, options);
   ASSERT_EQ(count_images(r), 1);
@@ -400,26 +402,13 @@ TEST_F(PipelineTest, BundleOfGoldenParts) {
                            "/mapper/model/minigpt5_stage1.ckpt", "/sd_loop/model/unet/config.json"})
     if (root.empty() || !fs::exists(root + part))
       GTEST_SKIP() << "golden folder part " << part << " not found";
-  io::Json json;
-  json["voken_bundle"] = 1;
+  io::Json json =
+      test::golden_parts_manifest(root, fs::path(manifest_).parent_path().string() + "/vicuna-7b");
   json["name"] = "golden parts";
-  json["dtype"] = "float32";
-  json["llm"] = {{"path", root + "/lora/model"}};
-  json["tokenizer"] = {{"path", fs::path(manifest_).parent_path().string() + "/vicuna-7b"}};
-  json["vision"] = {{"vit", root + "/vision/model/eva_vit_g.pth"},
-                    {"qformer", root + "/vision/model/blip2_pretrained_flant5xxl.pth"},
-                    {"projection", root + "/vision/model/prerained_minigpt4_7b.pth"},
-                    {"config", root + "/vision/model/config.json"}};
-  json["minigpt5"] = {{"stage1", root + "/mapper/model/minigpt5_stage1.ckpt"},
-                      {"stage2", root + "/lora/model/minigpt5_stage2.ckpt"}};
-  json["diffusion"] = {{"path", root + "/sd_loop/model"}};
   test::write_file(dir_->file("golden_parts.json"), json.dump());
   const Pipeline pipe = Pipeline::load(dir_->file("golden_parts.json"));
   EXPECT_EQ(pipe.impl().llm().vocab_size(), pipe.impl().tokenizer().vocab_size());
-  GenerateOptions options = fast(8);
-  options.force_image = true;
-  options.max_images = 1;
-  options.text.max_new_tokens = 6;
+  GenerateOptions options = one_forced_image(8, 6);
   const GenerateResult r =
       pipe.generate_interleaved({Segment::text("A picture:"), Segment::image(photo(30, 20, 7))}, options);
   EXPECT_EQ(r.images, 1);
