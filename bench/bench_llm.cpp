@@ -58,6 +58,7 @@
 #include <vector>
 
 #include "bench_support.h"
+#include "core/gemv.h"
 #include "core/parallel.h"
 #include "io/json_file.h"
 #include "io/safetensors.h"
@@ -468,7 +469,7 @@ int main(int argc, char** argv) {
     std::printf(
         "bench_llm: %d threads, prompt %d tokens, %d decode steps, streaming bf16 kernel: %s\n",
         options.threads, options.prompt, options.decode,
-        voken::llm::has_streaming_bf16_kernel() ? "yes" : "no (AVX-512 missing: oneDNN for every product)");
+        voken::core::gemv_supported() ? "yes" : "no (CPU tier without one: oneDNN for every product)");
     const DramResult dram = in_child<DramResult>("dram", [&] { return measure_dram(options); });
     std::printf("DRAM read bandwidth (1 GB buffer): %.2f GB/s with %d threads, %.2f GB/s with 1\n",
                 dram.bandwidth / 1e9, options.threads, dram.bandwidth_1thread / 1e9);

@@ -49,11 +49,11 @@
 #include <vector>
 
 #include "bench_support.h"
-#include "core/amx.h"
-#include "diffusion/amx_gemm.h"
-#include "diffusion/attention_kernels.h"
+#include "core/attention.h"
+#include "core/cpu.h"
+#include "core/norm_kernels.h"
+#include "core/packed_gemm.h"
 #include "diffusion/nn_blocks.h"
-#include "diffusion/norm_kernels.h"
 #include "diffusion/unet.h"
 #include "diffusion/vae.h"
 #include "io/json_file.h"
@@ -63,6 +63,14 @@
 
 using namespace voken;
 using namespace voken::diffusion;
+using voken::core::fused_attention_bf16;
+using voken::core::geglu;
+using voken::core::group_norm;
+using voken::core::pack_geglu_weight;
+using voken::core::pack_gemm_weight;
+using voken::core::packed_conv2d;
+using voken::core::packed_gemm_supported;
+using voken::core::packed_linear;
 
 namespace {
 
@@ -594,7 +602,7 @@ void breakdown(int reps, at::ScalarType dtype) {
   const at::Tensor qkv = (*block.attn1.qkv)(tokens);
   const at::Tensor q = qkv.narrow(-1, 0, 320), k = qkv.narrow(-1, 320, 320), v = qkv.narrow(-1, 640, 320);
   const double attention_flops = 2 * 2.0 * 2 * 4096.0 * 4096 * 320;
-  if (dtype == at::kBFloat16 && voken::core::has_amx_bf16())
+  if (dtype == at::kBFloat16 && (voken::core::cpu_tier() == voken::core::CpuTier::amx))
     show("  self-attention core, fused (4096 tokens)", attention_flops,
          [&] { multi_head_attention(q, k, v, 5, 0.125, false, options.attention_max_scores, true); });
   show("  self-attention core, chunked", attention_flops,

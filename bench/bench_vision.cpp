@@ -45,7 +45,8 @@
 #include <utility>
 #include <vector>
 
-#include "core/amx_gemm.h"
+#include "core/attention.h"
+#include "core/inplace_gemm.h"
 #include "io/torch_file.h"
 #include "vision/image_encoder.h"
 
@@ -251,22 +252,23 @@ Rates gemm_peak(at::ScalarType dtype, int64_t batch, bool verbose) {
                                      {"ViT fc2", tokens, kVitWidth, kVitMlp},
                                      {"square 2048", 2048, 2048, 2048}};
   Rates peak;
-  // bf16 on an AMX CPU: the encoder's own kernel (core::amx_linear) as well as at::linear; the
+  // bf16 on an AMX CPU: the encoder's own kernel (core::inplace_linear) as well as at::linear; the
   // peak is the best of both, so the encoder is measured against the fastest product available.
-  const bool amx = dtype == at::kBFloat16 && voken::core::has_amx_bf16();
+  const bool amx = dtype == at::kBFloat16 && voken::core::inplace_gemm_supported();
   for (const auto& s : shapes) {
     const auto x = at::randn({s.m, s.k}).to(dtype);
     const auto w = at::randn({s.n, s.k}).to(dtype);
     const double gflop = 2.0 * double(s.m) * double(s.n) * double(s.k) / 1e9;
     for (int kernel = 0; kernel < (amx ? 2 : 1); ++kernel) {
-      const Timing t = kernel == 0 ? time_best([&] { at::linear(x, w); }, 5)
-                                   : time_best([&] { voken::core::amx_linear(x, w, {}, at::kBFloat16); }, 5);
+      const Timing t = kernel == 0
+                           ? time_best([&] { at::linear(x, w); }, 5)
+                           : time_best([&] { voken::core::inplace_linear(x, w, {}, at::kBFloat16); }, 5);
       if (verbose)
         std::printf(
             "  gemm %-5s %-12s [%5ld x %5ld] x [%5ld x %5ld]^T  %-15s %8.2f ms  %7.1f GFLOP/s  %7.1f "
             "GFLOP/CPU-s\n",
             dtype == at::kBFloat16 ? "bf16" : "fp32", s.what, long(s.m), long(s.k), long(s.n), long(s.k),
-            kernel == 0 ? "at::linear" : "core::amx_linear", t.wall * 1e3, gflop / t.wall, gflop / t.cpu);
+            kernel == 0 ? "at::linear" : "core::inplace_linear", t.wall * 1e3, gflop / t.wall, gflop / t.cpu);
       peak.wall = std::max(peak.wall, gflop / t.wall);
       peak.cpu = std::max(peak.cpu, gflop / t.cpu);
     }

@@ -12,7 +12,10 @@ VOKEN_APT_PACKAGES=(
 )
 VOKEN_BUILD_DIR=${VOKEN_BUILD_DIR:-build}
 # ccache keys on paths relative to the checkout, so fresh clones (CI) reuse earlier compilations.
+# Without the sloppiness below ccache refuses every compilation that uses a precompiled header,
+# i.e. all of voken's (the PCH is rebuilt, and checked, by the build itself).
 export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$PWD}"
+export CCACHE_SLOPPINESS="${CCACHE_SLOPPINESS:-pch_defines,time_macros,include_file_mtime,include_file_ctime}"
 VOKEN_PYTHON=/usr/bin/python3
 
 voken_install_packages() {

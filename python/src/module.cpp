@@ -1,5 +1,6 @@
 // voken._voken: the module entry point; each area binds itself in its own file.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "bindings.h"
 #include "core/parallel.h"
@@ -21,10 +22,18 @@ PYBIND11_MODULE(_voken, m) {
         d["cuda_enabled"] = info.cuda_enabled;
         d["cuda_available"] = info.cuda_available;
         d["intra_op_threads"] = info.intra_op_threads;
+        d["run_threads"] = info.run_threads;
         d["parallel_info"] = info.parallel_info;
+        d["cpu_model"] = info.cpu_model;
+        d["cpu_id"] = info.cpu_id;
+        d["cpu_tier"] = info.cpu_tier;
+        d["cpu_native_tier"] = info.cpu_native_tier;
+        d["cpu_features"] = info.cpu_features;
+        d["blas_core"] = info.blas_core;
         return d;
       },
-      "Version of voken, the libtorch it was built with, and runtime threading facts.");
+      "Version of voken, the libtorch it was built with, the CPU and its kernel tier (cpu_tier; VOKEN_CPU "
+      "chooses a lower one), and runtime threading facts.");
   m.def(
       "set_num_threads", [](int threads) { voken::core::set_intra_op_threads(threads, "num_threads"); },
       py::arg("num_threads") = 0,

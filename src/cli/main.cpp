@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -19,7 +20,7 @@ commands:
   generate --bundle M --text T --image I ...   one MiniGPT-5 turn -> an HTML page + Markdown
   demo [--dir D] [--keep] [--steps N]          a tiny random-weight bundle, run end to end
   inspect PATH                                 a bundle's parts, or a checkpoint's tensors
-  info                                         version, libtorch, threads
+  info                                         version, libtorch, CPU and kernel tier, threads
 
 exit status: 0 done, 1 failed, 2 bad command line, 130 interrupted (Ctrl-C)
 )";
@@ -31,9 +32,24 @@ namespace voken::cli {
 int info_main(const std::vector<std::string>& args) {
   parse_arguments(args, {}, nullptr, "info");
   const auto build = voken::build_info();
-  std::printf("voken %s\nlibtorch %s\ncuda enabled %s, available %s\nintra-op threads %d\n",
-              build.voken_version.c_str(), build.torch_version.c_str(), build.cuda_enabled ? "yes" : "no",
-              build.cuda_available ? "yes" : "no", build.intra_op_threads);
+  std::string features;
+  for (const auto& f : build.cpu_features) features += (features.empty() ? "" : " ") + f;
+  std::printf("voken %s\nlibtorch %s\ncuda enabled %s, available %s\n", build.voken_version.c_str(),
+              build.torch_version.c_str(), build.cuda_enabled ? "yes" : "no",
+              build.cuda_available ? "yes" : "no");
+  std::printf("cpu %s (%s)\ncpu features %s\n", build.cpu_model.c_str(), build.cpu_id.c_str(),
+              features.empty() ? "(none voken uses)" : features.c_str());
+  if (build.cpu_tier == build.cpu_native_tier)
+    std::printf("kernel tier %s\n", build.cpu_tier.c_str());
+  else
+    std::printf("kernel tier %s (VOKEN_CPU; this CPU offers %s)\n", build.cpu_tier.c_str(),
+                build.cpu_native_tier.c_str());
+  std::printf("threads %d (%s)\n", build.run_threads,
+              std::getenv("OMP_NUM_THREADS") ? "$OMP_NUM_THREADS"
+                                             : "one per core; --threads or OMP_NUM_THREADS to change");
+  if (!build.blas_core.empty())
+    std::printf("fp32 BLAS OpenBLAS, %s kernels%s\n", build.blas_core.c_str(),
+                std::getenv("OPENBLAS_CORETYPE") ? " (OPENBLAS_CORETYPE)" : "");
   return 0;
 }
 

@@ -53,14 +53,15 @@ void run_items(void* data) {
 
 int parallel_threads() { return std::max(1, at::get_num_threads()); }
 
+int automatic_thread_count() {
+  if (std::getenv("OMP_NUM_THREADS")) return at::get_num_threads();
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
 void set_intra_op_threads(int requested, const std::string& what) {
   if (requested < 0)
     throw ArgumentError(what + " must be >= 0 (0: automatic), got " + std::to_string(requested));
-  int threads = requested;
-  if (threads == 0) {
-    if (std::getenv("OMP_NUM_THREADS")) return;
-    threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  }
+  const int threads = requested > 0 ? requested : automatic_thread_count();
   if (threads != at::get_num_threads()) at::set_num_threads(threads);
 }
 

@@ -31,6 +31,10 @@ void parallel_range(int64_t begin, int64_t end, int64_t grain,
 // The number of threads parallel_items uses.
 int parallel_threads();
 
+// The thread count `num_threads = 0` means: $OMP_NUM_THREADS when set (libtorch read it already),
+// else one thread per core.
+int automatic_thread_count();
+
 // Sets libtorch's intra-op thread count (the team every kernel, voken's and libtorch's, runs on):
 // `requested` > 0 exactly; 0 automatically, i.e. $OMP_NUM_THREADS when set (libtorch read it
 // already), else one thread per core. Why automatic: Debian's libtorch 1.13 starts with ONE

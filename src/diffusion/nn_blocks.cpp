@@ -5,9 +5,9 @@
 #include <algorithm>
 #include <cmath>
 
-#include "core/amx.h"
-#include "diffusion/attention_kernels.h"
-#include "diffusion/norm_kernels.h"
+#include "core/attention.h"
+#include "core/norm_kernels.h"
+#include "core/packed_gemm.h"
 #include "voken/error.h"
 
 namespace voken::diffusion {
@@ -83,14 +83,14 @@ Conv2d Conv2d::load(io::WeightLoader& weights, const std::string& prefix, int64_
 }
 
 at::Tensor Conv2d::operator()(const at::Tensor& x) const {
-  if (packed && x.scalar_type() == at::kBFloat16) return packed_conv2d(x, *packed);
+  if (packed && x.scalar_type() == at::kBFloat16) return core::packed_conv2d(x, *packed);
   if (!weight.defined()) throw ArgumentError("Conv2d: packed bfloat16 weights need a bfloat16 input");
   return at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
 }
 
 at::Tensor Conv2d::operator()(const at::Tensor& x, const at::Tensor& residual) const {
   if (packed && x.scalar_type() == at::kBFloat16 && residual.scalar_type() == at::kBFloat16)
-    return packed_conv2d(x, *packed, residual);
+    return core::packed_conv2d(x, *packed, residual);
   return (*this)(x).add_(residual);
 }
 
@@ -98,9 +98,9 @@ bool Conv2d::pack() {
   if (packed || !weight.defined() || weight.scalar_type() != at::kBFloat16 || weight.dim() != 4) return false;
   const int64_t kernel = weight.size(2);
   if (stride != 1 || weight.size(3) != kernel || padding != (kernel - 1) / 2 ||
-      !packed_gemm_supported(weight.size(0), weight.size(1), kernel))
+      !core::packed_gemm_supported(weight.size(0), weight.size(1), kernel))
     return false;
-  packed = pack_gemm_weight(weight, bias);
+  packed = core::pack_gemm_weight(weight, bias);
   weight = at::Tensor();
   return true;
 }
@@ -123,21 +123,21 @@ Linear Linear::load_pointwise_conv(io::WeightLoader& weights, const std::string&
 }
 
 at::Tensor Linear::operator()(const at::Tensor& x) const {
-  if (packed && x.scalar_type() == at::kBFloat16) return packed_linear(x, *packed);
+  if (packed && x.scalar_type() == at::kBFloat16) return core::packed_linear(x, *packed);
   if (!weight.defined()) throw ArgumentError("Linear: packed bfloat16 weights need a bfloat16 input");
   return at::linear(x, weight, bias);
 }
 
 at::Tensor Linear::operator()(const at::Tensor& x, const at::Tensor& residual) const {
   if (packed && x.scalar_type() == at::kBFloat16 && residual.scalar_type() == at::kBFloat16)
-    return packed_linear(x, *packed, residual);
+    return core::packed_linear(x, *packed, residual);
   return (*this)(x).add_(residual);
 }
 
 void Linear::add_to(const at::Tensor& x, at::Tensor& accumulator) const {
   if (packed && x.scalar_type() == at::kBFloat16 && accumulator.scalar_type() == at::kBFloat16 &&
       accumulator.is_contiguous()) {
-    packed_linear_into(x, *packed, accumulator);
+    core::packed_linear_into(x, *packed, accumulator);
     return;
   }
   accumulator.add_((*this)(x));
@@ -145,9 +145,9 @@ void Linear::add_to(const at::Tensor& x, at::Tensor& accumulator) const {
 
 bool Linear::pack() {
   if (packed || !weight.defined() || weight.scalar_type() != at::kBFloat16 || weight.dim() != 2 ||
-      !packed_gemm_supported(weight.size(0), weight.size(1), 1))
+      !core::packed_gemm_supported(weight.size(0), weight.size(1), 1))
     return false;
-  packed = pack_gemm_weight(weight, bias);
+  packed = core::pack_gemm_weight(weight, bias);
   weight = at::Tensor();
   return true;
 }
@@ -171,7 +171,7 @@ at::Tensor GroupNorm::operator()(const at::Tensor& x, std::optional<Activation> 
   }
   // Our kernel rather than at::group_norm: see norm_kernels.h for libtorch 1.13's precision loss.
   const bool fused_silu = activation == Activation::Silu;
-  at::Tensor y = group_norm(x, groups, weight, bias, eps, fused_silu);
+  at::Tensor y = core::group_norm(x, groups, weight, bias, eps, fused_silu);
   if (activation && !fused_silu) activate_(y, *activation);
   return y;
 }
@@ -185,7 +185,7 @@ void GroupNorm::apply_(at::Tensor& x, std::optional<Activation> activation) cons
     return;
   }
   const bool fused_silu = activation == Activation::Silu;
-  group_norm_(x, groups, weight, bias, eps, fused_silu);
+  core::group_norm_(x, groups, weight, bias, eps, fused_silu);
   if (activation && !fused_silu) activate_(x, *activation);
 }
 
@@ -201,7 +201,7 @@ at::Tensor LayerNorm::operator()(const at::Tensor& x) const {
   const auto dtype = x.scalar_type();
   if (dtype != at::kFloat && dtype != at::kBFloat16)
     return at::layer_norm(x, {x.size(-1)}, weight, bias, eps, /*cudnn_enable=*/false);
-  return layer_norm(x, weight, bias, eps);
+  return core::layer_norm(x, weight, bias, eps);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ at::Tensor Upsample2D::operator()(const at::Tensor& x,
                                              : std::vector<int64_t>{2 * x.size(2), 2 * x.size(3)};
   if (conv.packed && x.scalar_type() == at::kBFloat16 && out_size[0] == 2 * x.size(2) &&
       out_size[1] == 2 * x.size(3))
-    return packed_conv2d(x, *conv.packed, at::Tensor(), /*upsample_2x=*/true);
+    return core::packed_conv2d(x, *conv.packed, at::Tensor(), /*upsample_2x=*/true);
   return conv(at::upsample_nearest2d(x, out_size));
 }
 
@@ -312,9 +312,9 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
                         std::to_string(heads) + " heads do not fit together");
   const int64_t head_dim = inner / heads;
   if (allow_fused && !upcast && q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
-      v.scalar_type() == at::kBFloat16 && head_dim <= kFusedAttentionMaxHeadDim && q.stride(2) == 1 &&
-      k.stride(2) == 1 && v.stride(2) == 1 && core::has_amx_bf16())
-    return fused_attention_bf16(q, k, v, heads, scale);
+      v.scalar_type() == at::kBFloat16 && head_dim <= core::kFusedAttentionMaxHeadDim && q.stride(2) == 1 &&
+      k.stride(2) == 1 && v.stride(2) == 1 && core::cpu_tier() == core::CpuTier::amx)
+    return core::fused_attention_bf16(q, k, v, heads, scale);
   const int64_t groups = batch * heads;
   // [B, N, H*D] -> [B*H, N, D]; keys transposed once to [B*H, D, Nk] for the score products.
   const auto split_heads = [&](const at::Tensor& t, int64_t n) {
@@ -345,7 +345,7 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
   const auto attend = [&](const at::Tensor& q_part, const at::Tensor& k_t_part, const at::Tensor& v_part) {
     // Dense operands: oneDNN runs strided batches through a far slower GEMM (gemm:jit).
     at::Tensor probs = at::bmm(q_part.contiguous(), k_t_part.contiguous());
-    softmax_lastdim_(probs);
+    core::softmax_lastdim_(probs);
     if (probs.scalar_type() != v_part.scalar_type()) probs = probs.to(v_part.scalar_type());
     return at::bmm(probs, v_part.contiguous());
   };
@@ -468,9 +468,9 @@ at::Tensor BasicTransformerBlock::operator()(const at::Tensor& tokens, const at:
     at::Tensor part = rows.narrow(0, r0, std::min(chunk, rows.size(0) - r0));
     at::Tensor gated;
     if (ff_geglu && part.scalar_type() == at::kBFloat16) {
-      gated = packed_linear(norm3(part), *ff_geglu);  // projection and GEGLU in one pass
+      gated = core::packed_linear(norm3(part), *ff_geglu);  // projection and GEGLU in one pass
     } else if (part.scalar_type() == at::kFloat || part.scalar_type() == at::kBFloat16) {
-      gated = geglu(ff_in(norm3(part)));
+      gated = core::geglu(ff_in(norm3(part)));
     } else {
       const at::Tensor projected = ff_in(norm3(part));
       const int64_t inner = projected.size(-1) / 2;
@@ -486,8 +486,8 @@ void BasicTransformerBlock::pack() {
   attn2.pack();
   const int64_t projected = ff_in.weight.defined() ? ff_in.weight.size(0) : 0;
   if (!ff_geglu && ff_in.weight.defined() && ff_in.weight.scalar_type() == at::kBFloat16 &&
-      projected % 32 == 0 && packed_gemm_supported(projected, ff_in.weight.size(1), 1)) {
-    ff_geglu = pack_geglu_weight(ff_in.weight, ff_in.bias);
+      projected % 32 == 0 && core::packed_gemm_supported(projected, ff_in.weight.size(1), 1)) {
+    ff_geglu = core::pack_geglu_weight(ff_in.weight, ff_in.bias);
     ff_in = Linear();
   }
   ff_out.pack();

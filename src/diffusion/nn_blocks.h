@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "diffusion/amx_gemm.h"
+#include "core/packed_gemm.h"
 #include "io/state_dict.h"
 
 namespace voken::diffusion {
@@ -48,7 +48,7 @@ struct ComputeOptions {
   // in cache and out of mmap'd (page-faulting) allocations.
   int64_t feed_forward_chunk_bytes = int64_t{8} << 20;
   // Read when a model is built: bfloat16 linear layers and stride-1 convolutions get their weights
-  // packed for the AMX kernels of amx_gemm.h when the CPU has AMX-BF16 and the shapes fit (the
+  // packed for the AMX kernels of core/packed_gemm.h when the CPU has AMX-BF16 and the shapes fit (the
   // plain weights are then released); otherwise, or when false, they run through oneDNN.
   bool packed_weights = true;
 };
@@ -58,7 +58,7 @@ struct Conv2d {
   at::Tensor bias;    // [out] (may be undefined)
   int64_t stride = 1;
   int64_t padding = 0;
-  std::shared_ptr<const PackedGemmWeight> packed;  // after pack()
+  std::shared_ptr<const core::PackedGemmWeight> packed;  // after pack()
 
   // Takes <prefix>weight and <prefix>bias. `channels_last` stores the kernel NHWC-ordered, the
   // order oneDNN wants for NHWC inputs.
@@ -68,7 +68,7 @@ struct Conv2d {
   at::Tensor operator()(const at::Tensor& x) const;
   // conv(x) + residual (the output's shape and dtype), added before rounding when packed.
   at::Tensor operator()(const at::Tensor& x, const at::Tensor& residual) const;
-  // Packs a bfloat16 weight for amx_gemm.h when the CPU and the shape allow (stride 1, padding
+  // Packs a bfloat16 weight for core/packed_gemm.h when the CPU and the shape allow (stride 1, padding
   // (k-1)/2) and releases the plain one; returns whether it did.
   bool pack();
   int64_t out_channels() const { return packed ? packed->out_features : weight.size(0); }
@@ -76,9 +76,9 @@ struct Conv2d {
 };
 
 struct Linear {
-  at::Tensor weight;                               // [out, in]; undefined once packed
-  at::Tensor bias;                                 // [out] or undefined
-  std::shared_ptr<const PackedGemmWeight> packed;  // after pack()
+  at::Tensor weight;                                     // [out, in]; undefined once packed
+  at::Tensor bias;                                       // [out] or undefined
+  std::shared_ptr<const core::PackedGemmWeight> packed;  // after pack()
 
   static Linear load(io::WeightLoader& weights, const std::string& prefix, int64_t in_features,
                      int64_t out_features, bool with_bias);
@@ -239,7 +239,7 @@ struct BasicTransformerBlock {
   Linear ff_in;   // ff.net.0.proj: dim -> 2*inner (value half, then gate half)
   Linear ff_out;  // ff.net.2: inner -> dim
   // After pack(): ff_in packed with the GEGLU epilogue (ff_in itself is then released).
-  std::shared_ptr<const PackedGemmWeight> ff_geglu;
+  std::shared_ptr<const core::PackedGemmWeight> ff_geglu;
   bool only_cross_attention = false;
 
   static BasicTransformerBlock load(io::WeightLoader& weights, const std::string& prefix, int64_t dim,

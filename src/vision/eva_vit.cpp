@@ -8,8 +8,9 @@
 #include <set>
 #include <string>
 
-#include "core/amx_gemm.h"
-#include "core/bf16_ops.h"
+#include "core/attention.h"
+#include "core/inplace_gemm.h"
+#include "core/norm_kernels.h"
 #include "io/tensor_bytes.h"
 #include "voken/error.h"
 
@@ -220,20 +221,20 @@ EvaVit::EvaVit(const EvaVitConfig& config, io::WeightLoader& weights) {
 
 at::Tensor EvaVit::block_forward(const Block& block, const at::Tensor& x) const {
   const int64_t batch = x.size(0), tokens = x.size(1);
-  // bf16 weights on an AMX CPU: the products run in core::amx_linear (weights read in place, no
+  // bf16 weights on an AMX CPU: the products run in core::inplace_linear (weights read in place, no
   // per-call repacking as in at::linear/oneDNN), fc1's GELU and the residual additions are applied
   // to the float32 sums before the single rounding, the LayerNorms run in core::layer_norm_bf16
   // (float32 inside, rounded to bf16 as layer_norm_float32 rounds) and attention in
   // core::amx_attention.
   const bool amx = x.scalar_type() == at::kBFloat16 && block.qkv_weight.scalar_type() == at::kBFloat16 &&
-                   core::has_amx_bf16();
+                   core::inplace_gemm_supported();
   auto norm = [&](const at::Tensor& in, const at::Tensor& weight, const at::Tensor& bias) {
     return amx ? core::layer_norm_bf16(in, weight, bias, eps_) : layer_norm_float32(in, weight, bias, eps_);
   };
   // activation(in W^T + bias) + residual.
   auto linear = [&](const at::Tensor& in, const at::Tensor& weight, const at::Tensor& bias,
                     core::Activation activation, const at::Tensor& residual) {
-    if (amx) return core::amx_linear(in, weight, bias, at::kBFloat16, activation, residual);
+    if (amx) return core::inplace_linear(in, weight, bias, at::kBFloat16, activation, residual);
     auto y = at::linear(in, weight, bias);
     if (activation == core::Activation::GeluErf) y = at::gelu(y);  // exact erf GELU (nn.GELU)
     return residual.defined() ? residual + y : y;

@@ -22,8 +22,9 @@
 #include <thread>
 #include <vector>
 
-#include "core/amx_gemm.h"
-#include "core/bf16_ops.h"
+#include "core/attention.h"
+#include "core/inplace_gemm.h"
+#include "core/norm_kernels.h"
 #include "core/parallel.h"
 #include "voken/error.h"
 
@@ -121,7 +122,8 @@ void expect_close(const at::Tensor& got, const at::Tensor& x, const at::Tensor& 
 class AmxGemm : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!has_amx_bf16()) GTEST_SKIP() << "this CPU/OS offers no AMX-BF16; the kernel is not used here";
+    if (!inplace_gemm_supported())
+      GTEST_SKIP() << "this CPU/OS offers no AMX-BF16; the kernel is not used here";
   }
 };
 
@@ -135,8 +137,9 @@ TEST_F(AmxGemm, MatchesFloat64AcrossShapes) {
         const auto bias = at::randn({n});
         const std::string what =
             "m " + std::to_string(m) + " n " + std::to_string(n) + " k " + std::to_string(k);
-        expect_close(amx_linear(x, w), x, w, {}, Activation::None, what);
-        expect_close(amx_linear(x, w, bias, at::kBFloat16), x, w, bias, Activation::None, what + " bf16 out");
+        expect_close(inplace_linear(x, w), x, w, {}, Activation::None, what);
+        expect_close(inplace_linear(x, w, bias, at::kBFloat16), x, w, bias, Activation::None,
+                     what + " bf16 out");
       }
     }
   }
@@ -149,9 +152,9 @@ TEST_F(AmxGemm, SeveralPassesOverLongRows) {
     const auto x = at::randn({200, k}).to(at::kBFloat16);
     const auto w = (at::randn({72, k}) * 0.05).to(at::kBFloat16);
     const auto bias = at::randn({72});
-    expect_close(amx_linear(x, w, bias), x, w, bias, Activation::None, "k " + std::to_string(k));
-    expect_close(amx_linear(x, w, bias, at::kBFloat16, Activation::GeluErf), x, w, bias, Activation::GeluErf,
-                 "gelu k " + std::to_string(k));
+    expect_close(inplace_linear(x, w, bias), x, w, bias, Activation::None, "k " + std::to_string(k));
+    expect_close(inplace_linear(x, w, bias, at::kBFloat16, Activation::GeluErf), x, w, bias,
+                 Activation::GeluErf, "gelu k " + std::to_string(k));
   }
 }
 
@@ -162,7 +165,7 @@ TEST_F(AmxGemm, StridedWeightsBatchedInputAndActivations) {
   const auto x = at::randn({2, 37, 160});
   const auto bias = at::randn({64}).to(at::kBFloat16);
   for (auto activation : {Activation::None, Activation::GeluErf, Activation::GeluTanh}) {
-    const auto y = amx_linear(x, w, bias, at::kFloat, activation);
+    const auto y = inplace_linear(x, w, bias, at::kFloat, activation);
     ASSERT_EQ(y.sizes(), at::IntArrayRef({2, 37, 64}));
     expect_close(y.reshape({74, 64}), x.reshape({74, 160}), w, bias, activation, "strided");
   }
@@ -171,13 +174,13 @@ TEST_F(AmxGemm, StridedWeightsBatchedInputAndActivations) {
 TEST_F(AmxGemm, SeveralWeightsInOneCall) {
   at::manual_seed(6);
   const auto x = at::randn({45, 96});
-  std::vector<AmxLinearJob> jobs;
+  std::vector<InplaceLinearJob> jobs;
   for (int64_t n : {96, 48, 48, 7})
     jobs.push_back({(at::randn({n, 96}) * 0.1).to(at::kBFloat16), at::randn({n}), Activation::None, {}});
   jobs[1].activation = Activation::GeluErf;
   for (int threads : {1, 2}) {
     at::set_num_threads(threads);
-    const auto ys = amx_linear_many(x, jobs, at::kFloat);
+    const auto ys = inplace_linear_many(x, jobs, at::kFloat);
     ASSERT_EQ(ys.size(), jobs.size());
     for (size_t i = 0; i < jobs.size(); ++i)
       expect_close(ys[i], x, jobs[i].weight, jobs[i].bias, jobs[i].activation, "job " + std::to_string(i));
@@ -191,7 +194,7 @@ TEST_F(AmxGemm, ResidualIsAddedBeforeTheRounding) {
   const auto bias = at::randn({40});
   for (auto dtype : {at::kFloat, at::kBFloat16}) {
     const auto residual = at::randn({3, 50, 40}).to(dtype);
-    const auto got = amx_linear(x, w, bias, at::kBFloat16, Activation::GeluErf, residual);
+    const auto got = inplace_linear(x, w, bias, at::kBFloat16, Activation::GeluErf, residual);
     // Reference: float64 of the same bf16-rounded x, the residual added, then one bf16 rounding.
     const auto ref =
         at::gelu(at::linear(x.to(at::kBFloat16).to(at::kDouble), w.to(at::kDouble), bias.to(at::kDouble))) +
@@ -201,12 +204,13 @@ TEST_F(AmxGemm, ResidualIsAddedBeforeTheRounding) {
                        ref.abs() * std::ldexp(1.0, -8) + 1e-6;
     EXPECT_LE(((got.to(at::kDouble) - ref).abs() / bound).max().item<double>(), 1.0) << c10::toString(dtype);
   }
-  EXPECT_THROW(amx_linear(x, w, bias, at::kFloat, Activation::None, at::randn({3, 50, 41})), ArgumentError);
+  EXPECT_THROW(inplace_linear(x, w, bias, at::kFloat, Activation::None, at::randn({3, 50, 41})),
+               ArgumentError);
 }
 
 TEST_F(AmxGemm, EmptyInputGivesEmptyOutput) {
   const auto w = at::ones({8, 32}, at::kBFloat16);
-  EXPECT_EQ(amx_linear(at::zeros({0, 32}), w).sizes(), at::IntArrayRef({0, 8}));
+  EXPECT_EQ(inplace_linear(at::zeros({0, 32}), w).sizes(), at::IntArrayRef({0, 8}));
 }
 
 // Attention against float64 on the same bf16 inputs, with q * scale rounded to bf16 as the kernel
@@ -264,12 +268,12 @@ TEST_F(AmxGemm, AttentionRejectsBadArguments) {
 
 TEST_F(AmxGemm, RejectsBadArguments) {
   const auto x = at::randn({4, 32});
-  EXPECT_THROW(amx_linear(x, at::randn({8, 32})), ArgumentError);                    // float32 weight
-  EXPECT_THROW(amx_linear(x, at::randn({8, 16}).to(at::kBFloat16)), ArgumentError);  // K mismatch
-  EXPECT_THROW(amx_linear(x, at::randn({8, 32}).to(at::kBFloat16).t().contiguous().t()), ArgumentError);
-  EXPECT_THROW(amx_linear(x, at::randn({8, 32}).to(at::kBFloat16), at::randn({7})), ArgumentError);
-  EXPECT_THROW(amx_linear(x.to(at::kDouble), at::randn({8, 32}).to(at::kBFloat16)), ArgumentError);
-  EXPECT_THROW(amx_linear(x, at::randn({8, 32}).to(at::kBFloat16), {}, at::kDouble), ArgumentError);
+  EXPECT_THROW(inplace_linear(x, at::randn({8, 32})), ArgumentError);                    // float32 weight
+  EXPECT_THROW(inplace_linear(x, at::randn({8, 16}).to(at::kBFloat16)), ArgumentError);  // K mismatch
+  EXPECT_THROW(inplace_linear(x, at::randn({8, 32}).to(at::kBFloat16).t().contiguous().t()), ArgumentError);
+  EXPECT_THROW(inplace_linear(x, at::randn({8, 32}).to(at::kBFloat16), at::randn({7})), ArgumentError);
+  EXPECT_THROW(inplace_linear(x.to(at::kDouble), at::randn({8, 32}).to(at::kBFloat16)), ArgumentError);
+  EXPECT_THROW(inplace_linear(x, at::randn({8, 32}).to(at::kBFloat16), {}, at::kDouble), ArgumentError);
 }
 
 // layer_norm_bf16 equals at::layer_norm in float32 rounded to bf16, up to one bf16 step where the

@@ -15,11 +15,11 @@
 #include <string>
 
 #include "common/test_support.h"
-#include "core/amx.h"
-#include "diffusion/amx_gemm.h"
-#include "diffusion/attention_kernels.h"
+#include "core/attention.h"
+#include "core/cpu.h"
+#include "core/norm_kernels.h"
+#include "core/packed_gemm.h"
 #include "diffusion/nn_blocks.h"
-#include "diffusion/norm_kernels.h"
 #include "diffusion/random_diffusers_model.h"
 #include "diffusion/unet.h"
 #include "diffusion/vae.h"
@@ -29,6 +29,20 @@
 
 namespace voken::diffusion {
 namespace {
+
+// The kernels these tests check live in core.
+using core::fused_attention_bf16;
+using core::geglu;
+using core::group_norm;
+using core::group_norm_;
+using core::layer_norm;
+using core::pack_geglu_weight;
+using core::pack_gemm_weight;
+using core::packed_conv2d;
+using core::packed_gemm_supported;
+using core::packed_linear;
+using core::packed_linear_into;
+using core::unpack_gemm_weight;
 
 using io::Json;
 using test::TempDir;
@@ -385,7 +399,7 @@ TEST(Attention, ChunkedEqualsWholeScoreMatrix) {
       const at::Tensor chunked = multi_head_attention(qb, kb, vb, heads, s, false, 64, /*allow_fused=*/false);
       EXPECT_LT(max_abs_diff(chunked, ref), 2.5 * tol)
           << "chunked dim " << dim << " nq " << nq << " nk " << nk;
-      if (core::has_amx_bf16()) {
+      if ((core::cpu_tier() == core::CpuTier::amx)) {
         const at::Tensor fused = fused_attention_bf16(qb, kb, vb, heads, s);
         EXPECT_EQ(fused.sizes(), ref.sizes());
         EXPECT_LT(max_abs_diff(fused, ref), tol) << "fused dim " << dim << " nq " << nq << " nk " << nk;
@@ -394,7 +408,7 @@ TEST(Attention, ChunkedEqualsWholeScoreMatrix) {
     }
   }
   // A row whose maximum appears late (rescaling of the resident output) and large score ranges.
-  if (core::has_amx_bf16()) {
+  if ((core::cpu_tier() == core::CpuTier::amx)) {
     at::Tensor qs = at::ones({1, 16, 64}) * 0.5;
     // Keys over three of the kernel's 1024-key chunks (the last one partial), the largest scores
     // in the last chunk.
@@ -568,7 +582,7 @@ double bf16_tolerance(const at::Tensor& reference) {
 TEST(PackedGemm, SupportedShapesAndPackingRoundTrip) {
   auto generator = at::make_generator<at::CPUGeneratorImpl>(21);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  if (!core::has_amx_bf16()) {
+  if (!(core::cpu_tier() == core::CpuTier::amx)) {
     EXPECT_FALSE(packed_gemm_supported(64, 64, 3));
     EXPECT_THROW(pack_gemm_weight(at::zeros({64, 64}), at::Tensor()), ArgumentError);
     GTEST_SKIP() << "no AMX-BF16 on this CPU: the packed kernels are not exercised";
@@ -592,7 +606,7 @@ TEST(PackedGemm, SupportedShapesAndPackingRoundTrip) {
 }
 
 TEST(PackedGemm, LinearMatchesFloat64ForAnyRowCountStrideAndResidual) {
-  if (!core::has_amx_bf16()) GTEST_SKIP() << "no AMX-BF16 on this CPU";
+  if (!(core::cpu_tier() == core::CpuTier::amx)) GTEST_SKIP() << "no AMX-BF16 on this CPU";
   auto generator = at::make_generator<at::CPUGeneratorImpl>(22);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const auto bf16 = [&](std::vector<int64_t> sizes) {
@@ -645,7 +659,7 @@ TEST(PackedGemm, LinearMatchesFloat64ForAnyRowCountStrideAndResidual) {
 }
 
 TEST(PackedGemm, GegluProjectionMatchesFloat64) {
-  if (!core::has_amx_bf16()) GTEST_SKIP() << "no AMX-BF16 on this CPU";
+  if (!(core::cpu_tier() == core::CpuTier::amx)) GTEST_SKIP() << "no AMX-BF16 on this CPU";
   auto generator = at::make_generator<at::CPUGeneratorImpl>(25);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   for (const auto& [k, inner] : std::vector<std::pair<int64_t, int64_t>>{{32, 16}, {64, 48}, {640, 128}}) {
@@ -667,7 +681,7 @@ TEST(PackedGemm, GegluProjectionMatchesFloat64) {
 }
 
 TEST(PackedGemm, ConvolutionsMatchFloat64InBothLayouts) {
-  if (!core::has_amx_bf16()) GTEST_SKIP() << "no AMX-BF16 on this CPU";
+  if (!(core::cpu_tier() == core::CpuTier::amx)) GTEST_SKIP() << "no AMX-BF16 on this CPU";
   auto generator = at::make_generator<at::CPUGeneratorImpl>(23);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const auto bf16 = [&](std::vector<int64_t> sizes) {
@@ -716,7 +730,7 @@ TEST(PackedGemm, ConvolutionsMatchFloat64InBothLayouts) {
 // A UNet and a VAE whose widths the packed kernels take: packed and oneDNN bfloat16 agree, and
 // both stay within the bfloat16 tolerance of float32.
 TEST(PackedGemm, PackedModelsMatchUnpackedOnes) {
-  if (!core::has_amx_bf16()) GTEST_SKIP() << "no AMX-BF16 on this CPU";
+  if (!(core::cpu_tier() == core::CpuTier::amx)) GTEST_SKIP() << "no AMX-BF16 on this CPU";
   Json unet_config = tiny_unet_config();
   unet_config["block_out_channels"] = {32, 64, 64};
   unet_config["norm_num_groups"] = 8;

@@ -12,6 +12,7 @@
 
 #include <cmath>
 
+#include "core/gemv.h"
 #include "llm/linear.h"
 #include "voken/error.h"
 
@@ -34,23 +35,23 @@ double streaming_bound(int64_t k) { return static_cast<double>(k) * std::ldexp(1
 double prefill_bound(int64_t k) { return streaming_bound(k) + std::ldexp(1.0, -8); }
 
 TEST(LinearKernels, StreamingManyMatchesFloat64) {
-  if (!has_streaming_bf16_kernel()) GTEST_SKIP() << "CPU without AVX-512 F/BW/VL";
+  if (!core::gemv_supported()) GTEST_SKIP() << "CPU without AVX-512 F/BW/VL";
   at::manual_seed(11);
   for (int threads : {1, 2}) {
     at::set_num_threads(threads);
-    for (int64_t rows = 1; rows <= kStreamingKernelMaxRows; ++rows) {
+    for (int64_t rows = 1; rows <= core::kGemvMaxRows; ++rows) {
       for (int64_t in : {5, 16, 48, 100, 4096}) {
         const auto x = at::randn({rows, in});
         std::vector<at::Tensor> weights;
         for (int64_t out : {1, 7, 64, 333}) weights.push_back((at::randn({out, in}) * 0.1).to(at::kBFloat16));
-        const auto ys = streaming_bf16_linear_many(x, weights);
+        const auto ys = core::gemv_bf16_many(x, weights);
         ASSERT_EQ(ys.size(), weights.size());
         for (size_t i = 0; i < weights.size(); ++i)
           expect_within(ys[i], x, weights[i], streaming_bound(in),
                         "rows " + std::to_string(rows) + " in " + std::to_string(in) + " weight " +
                             std::to_string(i) + " threads " + std::to_string(threads));
         // One weight at a time is the same computation.
-        EXPECT_TRUE(at::equal(streaming_bf16_linear(x, weights[3]), ys[3]));
+        EXPECT_TRUE(at::equal(core::gemv_bf16(x, weights[3]), ys[3]));
       }
     }
   }
@@ -65,7 +66,7 @@ TEST(LinearKernels, DenseManyEqualsDenseForEveryRowCount) {
                                              (at::randn({17, 96}) * 0.1).to(at::kBFloat16)};
     const auto ys = dense_many(x, weights);
     ASSERT_EQ(ys.size(), weights.size());
-    const double bound = 2 * rows <= kStreamingKernelMaxRows ? streaming_bound(96) : prefill_bound(96);
+    const double bound = 2 * rows <= core::kGemvMaxRows ? streaming_bound(96) : prefill_bound(96);
     for (size_t i = 0; i < weights.size(); ++i) {
       EXPECT_EQ(ys[i].sizes(), at::IntArrayRef({2, rows, weights[i].size(0)}));
       expect_within(ys[i].reshape({2 * rows, -1}), x.reshape({2 * rows, 96}), weights[i], bound,
@@ -84,12 +85,11 @@ TEST(LinearKernels, Float32WeightsStayOnAtLinear) {
 }
 
 TEST(LinearKernels, StreamingRejectsMismatchedWeights) {
-  if (!has_streaming_bf16_kernel()) GTEST_SKIP() << "CPU without AVX-512 F/BW/VL";
+  if (!core::gemv_supported()) GTEST_SKIP() << "CPU without AVX-512 F/BW/VL";
   const auto x = at::randn({2, 32});
-  EXPECT_THROW(
-      streaming_bf16_linear_many(x, {at::ones({4, 32}, at::kBFloat16), at::ones({4, 31}, at::kBFloat16)}),
-      ArgumentError);
-  EXPECT_THROW(streaming_bf16_linear_many(x, {at::ones({4, 32})}), ArgumentError);
+  EXPECT_THROW(core::gemv_bf16_many(x, {at::ones({4, 32}, at::kBFloat16), at::ones({4, 31}, at::kBFloat16)}),
+               ArgumentError);
+  EXPECT_THROW(core::gemv_bf16_many(x, {at::ones({4, 32})}), ArgumentError);
 }
 
 }  // namespace

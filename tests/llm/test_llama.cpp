@@ -11,6 +11,7 @@
 
 #include "common/golden.h"
 #include "common/test_support.h"
+#include "core/gemv.h"
 #include "io/json_file.h"
 #include "io/safetensors.h"
 #include "io/torch_file.h"
@@ -185,7 +186,7 @@ TEST(KvCache, DecodeEqualsFullRecomputeFloat32) {
   if (golden) expect_cached_equals_recompute(Llama::load(golden->model_dir()), 2e-5, 1e-5);
 }
 
-// bf16: a prefill of more than kStreamingKernelMaxRows rows runs oneDNN with bf16-rounded
+// bf16: a prefill of more than core::kGemvMaxRows rows runs oneDNN with bf16-rounded
 // activations, a decode step the float32-activation kernel, so the two differ by bf16 rounding
 // of the activations (relative ~2^-8 per product). Tolerance: 2% of the largest |logit|.
 TEST(KvCache, DecodeEqualsFullRecomputeBfloat16) {
@@ -249,7 +250,7 @@ TEST(Bfloat16, GoldenCasesWithinBf16Tolerance) {
 // The streaming bf16 kernel against at::linear on the same (widened) weights.
 
 TEST(StreamingKernel, MatchesFloat32ProductForAllRowCountsAndTails) {
-  if (!has_streaming_bf16_kernel()) GTEST_SKIP() << "CPU without AVX-512 F/BW/VL";
+  if (!core::gemv_supported()) GTEST_SKIP() << "CPU without AVX-512 F/BW/VL";
   at::manual_seed(2);
   for (int64_t in : {16, 37, 64, 130}) {
     for (int64_t out : {1, 7, 33}) {
@@ -257,7 +258,7 @@ TEST(StreamingKernel, MatchesFloat32ProductForAllRowCountsAndTails) {
       for (int64_t rows = 1; rows <= 10; ++rows) {
         const at::Tensor x = at::randn({rows, in});
         const at::Tensor want = at::linear(x.to(at::kDouble), weight.to(at::kDouble));
-        const at::Tensor got = streaming_bf16_linear(x, weight);
+        const at::Tensor got = core::gemv_bf16(x, weight);
         EXPECT_LT(max_diff(got, want), 1e-4 * std::sqrt(static_cast<double>(in)))
             << "in " << in << " out " << out << " rows " << rows;
       }
@@ -265,14 +266,10 @@ TEST(StreamingKernel, MatchesFloat32ProductForAllRowCountsAndTails) {
   }
   expect_error<ArgumentError>(
       [] {
-        streaming_bf16_linear(at::ones({2, 3}), at::ones({4, 5}).to(at::kBFloat16));
+        core::gemv_bf16(at::ones({2, 3}), at::ones({4, 5}).to(at::kBFloat16));
       },
       {"3 columns", "expects 5"});
-  expect_error<ArgumentError>(
-      [] {
-        streaming_bf16_linear(at::ones({2, 3}), at::ones({4, 3}));
-      },
-      {"bfloat16"});
+  expect_error<ArgumentError>([] { core::gemv_bf16(at::ones({2, 3}), at::ones({4, 3})); }, {"bfloat16"});
 }
 
 TEST(StreamingKernel, DenseChoosesAPathForEveryShape) {

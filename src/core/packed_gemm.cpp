@@ -1,4 +1,4 @@
-#include "diffusion/amx_gemm.h"
+#include "core/packed_gemm.h"
 
 #include <ATen/ATen.h>
 
@@ -20,7 +20,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
-namespace voken::diffusion {
+namespace voken::core {
 namespace {
 
 using bf16_bits = uint16_t;
@@ -45,8 +45,8 @@ at::Tensor as_matrix(const at::Tensor& weight) {
 }  // namespace
 
 bool packed_gemm_supported(int64_t out_features, int64_t in_channels, int64_t kernel) {
-  return core::has_amx_bf16() && out_features > 0 && in_channels > 0 && out_features % kBlockColumns == 0 &&
-         in_channels % kStepDepth == 0 && (kernel == 1 || kernel == 3);
+  return cpu_tier() == CpuTier::amx && out_features > 0 && in_channels > 0 &&
+         out_features % kBlockColumns == 0 && in_channels % kStepDepth == 0 && (kernel == 1 || kernel == 3);
 }
 
 std::shared_ptr<const PackedGemmWeight> pack_gemm_weight(const at::Tensor& weight, const at::Tensor& bias) {
@@ -72,7 +72,7 @@ std::shared_ptr<const PackedGemmWeight> pack_gemm_weight(const at::Tensor& weigh
   packed->data = at::empty({n * k}, matrix.options());
   const auto* src = reinterpret_cast<const uint32_t*>(matrix.data_ptr<at::BFloat16>());
   auto* dst = reinterpret_cast<uint32_t*>(packed->data.data_ptr<at::BFloat16>());
-  core::parallel_range(0, n, 16, [&](int64_t begin, int64_t end) {
+  parallel_range(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t block = row / kBlockColumns, half = (row % kBlockColumns) / 16, column = row % 16;
       const uint32_t* pairs = src + row * (k / 2);
@@ -111,8 +111,6 @@ at::Tensor unpack_gemm_weight(const PackedGemmWeight& weight) {
 
 #ifdef VOKEN_HAVE_AMX
 namespace {
-
-namespace simd = core::simd;
 
 // C = A W^T over 16-row tiles of A whose rows need not be contiguous in memory: for a k x k
 // convolution each tile is 16 consecutive pixels of the zero-padded NHWC input, and the K range of
@@ -162,7 +160,7 @@ Plan make_plan(const Gemm& g) {
   constexpr int64_t kChunkSteps = 16, kMaxTaskTiles = 32, kMaxTaskBlocks = 8;
   plan.chunk_steps = g.k_steps <= 2 * kChunkSteps ? g.k_steps : kChunkSteps;
   const int64_t tiles = static_cast<int64_t>(g.a_tiles.size());
-  const int64_t threads = core::parallel_threads();
+  const int64_t threads = parallel_threads();
   const int64_t tile_groups = (tiles + kMaxTaskTiles - 1) / kMaxTaskTiles;
   int64_t block_groups = (g.n_blocks + kMaxTaskBlocks - 1) / kMaxTaskBlocks;
   // Few tasks (small images, wide layers: bound by reading the weights): enough of them, in a
@@ -184,8 +182,8 @@ Plan make_plan(const Gemm& g) {
 // One block of 16 or 32 rows (one or two A tiles) x 32 columns over K steps [s0, s1): C tiles
 // 4-7 start from zero or from `c` (row-major 32 x 32 float32) and are stored back to `c`.
 template <bool kTwoTiles>
-VOKEN_AMX void block_product(const Gemm& g, int64_t tile, int64_t block, int64_t s0, int64_t s1, float* c,
-                             bool accumulate) {
+VOKEN_TARGET_AMX void block_product(const Gemm& g, int64_t tile, int64_t block, int64_t s0, int64_t s1,
+                                    float* c, bool accumulate) {
   constexpr int64_t kCStride = kBlockColumns * sizeof(float);
   if (accumulate) {
     _tile_loadd(4, c, kCStride);
@@ -235,7 +233,7 @@ VOKEN_AMX void block_product(const Gemm& g, int64_t tile, int64_t block, int64_t
 }
 
 // out = round(c + bias (+ residual)) for the 16 rows of `tile` and the columns of `block`.
-VOKEN_AMX void store_rows(const Gemm& g, int64_t tile, int64_t block, const float* c) {
+VOKEN_TARGET_AMX void store_rows(const Gemm& g, int64_t tile, int64_t block, const float* c) {
   const int64_t n0 = block * kBlockColumns;
   const __m512 bias0 = g.bias ? _mm512_loadu_ps(g.bias + n0) : _mm512_setzero_ps();
   const __m512 bias1 = g.bias ? _mm512_loadu_ps(g.bias + n0 + 16) : _mm512_setzero_ps();
@@ -266,8 +264,8 @@ VOKEN_AMX void store_rows(const Gemm& g, int64_t tile, int64_t block, const floa
   }
 }
 
-VOKEN_AMX void run_tasks(const Gemm& g, const Plan& plan, int64_t begin, int64_t end) {
-  core::amx::configure_full_tiles();
+VOKEN_TARGET_AMX void run_tasks(const Gemm& g, const Plan& plan, int64_t begin, int64_t end) {
+  amx::configure_full_tiles();
   // Accumulators of a task between K chunks (a single block's worth without chunking).
   const bool chunked = plan.chunk_steps < g.k_steps;
   const int64_t pairs = (plan.max_tiles + 1) / 2;
@@ -323,13 +321,14 @@ void run(Gemm& g, const PackedGemmWeight& weight, at::Tensor& out, const at::Ten
   g.geglu = weight.geglu;
   if (g.a_tiles.empty()) return;
   const Plan plan = make_plan(g);
-  core::parallel_items(static_cast<int64_t>(plan.tasks.size()),
-                       [&](int64_t task) { run_tasks(g, plan, task, task + 1); });
+  parallel_items(static_cast<int64_t>(plan.tasks.size()),
+                 [&](int64_t task) { run_tasks(g, plan, task, task + 1); });
 }
 
 void check_input(const at::Tensor& x, const char* what) {
-  if (!core::has_amx_bf16())
-    throw ArgumentError(std::string(what) + ": this CPU/OS does not provide AMX-BF16");
+  if (cpu_tier() != CpuTier::amx)
+    throw ArgumentError(std::string(what) + ": needs the amx CPU tier, this process runs at " +
+                        tier_name(cpu_tier()));
   if (!x.defined() || x.scalar_type() != at::kBFloat16 || !x.device().is_cpu())
     throw ArgumentError(std::string(what) + ": expected a bfloat16 CPU tensor");
 }
@@ -450,7 +449,7 @@ at::Tensor packed_conv2d(const at::Tensor& x, const PackedGemmWeight& weight, co
   at::Tensor padded = at::empty({(batch * image_pixels + slack) * channels}, x.options());
   auto* pp = reinterpret_cast<bf16_bits*>(padded.data_ptr<at::BFloat16>());
   const auto* xp = reinterpret_cast<const bf16_bits*>(input.data_ptr<at::BFloat16>());
-  core::parallel_range(0, batch * padded_h, 8, [&](int64_t begin, int64_t end) {
+  parallel_range(0, batch * padded_h, 8, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / padded_h, y = row % padded_h - pad;
       bf16_bits* dst = pp + row * padded_w * channels;
@@ -508,4 +507,4 @@ at::Tensor packed_conv2d(const at::Tensor&, const PackedGemmWeight&, const at::T
 
 #endif
 
-}  // namespace voken::diffusion
+}  // namespace voken::core

@@ -1,4 +1,4 @@
-// bfloat16 matrix products on AMX tiles with weights packed once at load: linear layers and
+// bfloat16 matrix products with weights packed once at load: linear layers and
 // stride-1 "same" convolutions (3x3 as an implicit GEMM over a zero-padded NHWC copy of the
 // input, 1x1 as a plain product), with bias and an optional residual added before the single
 // rounding to bfloat16.
@@ -20,7 +20,9 @@
 #include <cstdint>
 #include <memory>
 
-namespace voken::diffusion {
+#include "core/cpu.h"
+
+namespace voken::core {
 
 // A weight W [N, K] packed as the B operand of C = A W^T: 32-column blocks, each over K in 32-deep
 // steps of two 16x16 pair-interleaved ("VNNI") tiles. For a k x k convolution K = k*k*C_in,
@@ -39,8 +41,8 @@ struct PackedGemmWeight {
   int64_t output_width() const { return geglu ? out_features / 2 : out_features; }
 };
 
-// Whether a weight of this shape can be packed and run here: an AMX-BF16 CPU (attention_kernels.h
-// has_amx_bf16), N and K per tap multiples of 32, kernel 1 or 3.
+// Whether a weight of this shape can be packed and run here: the amx CPU tier (core/cpu.h), N and
+// K per tap multiples of 32, kernel 1 or 3.
 bool packed_gemm_supported(int64_t out_features, int64_t in_channels, int64_t kernel);
 
 // W: [N, K] (linear) or [N, C, k, k] (convolution, any memory order), any float dtype (rounded to
@@ -73,4 +75,4 @@ at::Tensor packed_conv2d(const at::Tensor& x, const PackedGemmWeight& weight,
 // Unpacks to W [N, K] bfloat16 (and bias): for tests.
 at::Tensor unpack_gemm_weight(const PackedGemmWeight& weight);
 
-}  // namespace voken::diffusion
+}  // namespace voken::core

@@ -1,4 +1,4 @@
-#include "diffusion/norm_kernels.h"
+#include "core/norm_kernels.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -9,7 +9,8 @@
 #include <cstring>
 #include <vector>
 
-#include "core/bf16_ops.h"
+#include "core/bf16.h"
+#include "core/cpu.h"
 #include "core/parallel.h"
 #include "core/simd_avx512.h"
 #include "voken/error.h"
@@ -19,11 +20,10 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
-namespace voken::diffusion {
+namespace voken::core {
 namespace {
 
-#ifdef VOKEN_HAVE_AVX512_KERNELS
-namespace simd = core::simd;
+#ifdef VOKEN_X86_KERNELS
 #endif
 
 using bf16_bits = uint16_t;
@@ -38,13 +38,13 @@ inline float to_float(bf16_bits v) {
   return out;
 }
 inline void store(float* p, float v) { *p = v; }
-inline void store(bf16_bits* p, float v) { *p = core::float_to_bf16_bits(v); }
+inline void store(bf16_bits* p, float v) { *p = float_to_bf16_bits(v); }
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 inline float gelu(float v) { return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f)); }
 
 bool use_avx512() {
-#ifdef VOKEN_HAVE_AVX512_KERNELS
-  return simd::cpu_has_avx512();
+#ifdef VOKEN_X86_KERNELS
+  return cpu_tier() >= CpuTier::avx512;
 #else
   return false;
 #endif
@@ -125,14 +125,14 @@ void geglu_row(const T* value, const T* gate, T* out, int64_t n) {
 
 // ---- the same loops in AVX-512 ----------------------------------------------------------------
 
-#ifdef VOKEN_HAVE_AVX512_KERNELS
+#ifdef VOKEN_X86_KERNELS
 using simd::load16;
 using simd::store16;
 using simd::tail_mask;
 
 template <typename T>
-VOKEN_AVX512 void accumulate_channels_avx512(const T* x, const float* shift, float* s1, float* s2,
-                                             int64_t channels) {
+VOKEN_TARGET_AVX512 void accumulate_channels_avx512(const T* x, const float* shift, float* s1, float* s2,
+                                                    int64_t channels) {
   for (int64_t c = 0; c < channels; c += 16) {
     const __mmask16 m = tail_mask(channels - c);
     const __m512 d = _mm512_sub_ps(load16(x + c, m), load16(shift + c, m));
@@ -142,7 +142,8 @@ VOKEN_AVX512 void accumulate_channels_avx512(const T* x, const float* shift, flo
 }
 
 template <typename T>
-VOKEN_AVX512 void accumulate_run_avx512(const T* x, int64_t n, float shift, double& sum, double& sum_sq) {
+VOKEN_TARGET_AVX512 void accumulate_run_avx512(const T* x, int64_t n, float shift, double& sum,
+                                               double& sum_sq) {
   const __m512 s = _mm512_set1_ps(shift);
   __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
@@ -156,8 +157,8 @@ VOKEN_AVX512 void accumulate_run_avx512(const T* x, int64_t n, float shift, doub
 }
 
 template <typename T>
-VOKEN_AVX512 void affine_row_avx512(const T* x, T* y, const float* scale, const float* offset, int64_t n,
-                                    bool apply_silu) {
+VOKEN_TARGET_AVX512 void affine_row_avx512(const T* x, T* y, const float* scale, const float* offset,
+                                           int64_t n, bool apply_silu) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
     __m512 v = _mm512_fmadd_ps(load16(x + i, m), load16(scale + i, m), load16(offset + i, m));
@@ -167,8 +168,8 @@ VOKEN_AVX512 void affine_row_avx512(const T* x, T* y, const float* scale, const 
 }
 
 template <typename T>
-VOKEN_AVX512 void affine_plane_avx512(const T* x, T* y, float scale, float offset, int64_t n,
-                                      bool apply_silu) {
+VOKEN_TARGET_AVX512 void affine_plane_avx512(const T* x, T* y, float scale, float offset, int64_t n,
+                                             bool apply_silu) {
   const __m512 a = _mm512_set1_ps(scale), b = _mm512_set1_ps(offset);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
@@ -179,7 +180,7 @@ VOKEN_AVX512 void affine_plane_avx512(const T* x, T* y, float scale, float offse
 }
 
 template <typename T>
-VOKEN_AVX512 void softmax_row_avx512(const T* x, T* out, float* scratch, int64_t n) {
+VOKEN_TARGET_AVX512 void softmax_row_avx512(const T* x, T* out, float* scratch, int64_t n) {
   __m512 vmax = _mm512_set1_ps(-INFINITY);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
@@ -201,7 +202,7 @@ VOKEN_AVX512 void softmax_row_avx512(const T* x, T* out, float* scratch, int64_t
 }
 
 template <typename T>
-VOKEN_AVX512 void geglu_row_avx512(const T* value, const T* gate, T* out, int64_t n) {
+VOKEN_TARGET_AVX512 void geglu_row_avx512(const T* value, const T* gate, T* out, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
     store16(out + i, _mm512_mul_ps(load16(value + i, m), simd::gelu16(load16(gate + i, m))), m);
@@ -209,9 +210,9 @@ VOKEN_AVX512 void geglu_row_avx512(const T* value, const T* gate, T* out, int64_
 }
 
 // y[r][j] = sum_k x[r][k] w[j][k] for output columns [j_begin, j_end), four weight rows at a time.
-VOKEN_AVX512 void few_rows_gemv_avx512(const float* x, const bf16_bits* w, const float* bias, float* y,
-                                       int64_t rows, int64_t in, int64_t out, int64_t j_begin,
-                                       int64_t j_end) {
+VOKEN_TARGET_AVX512 void few_rows_gemv_avx512(const float* x, const bf16_bits* w, const float* bias, float* y,
+                                              int64_t rows, int64_t in, int64_t out, int64_t j_begin,
+                                              int64_t j_end) {
   constexpr int kMaxRows = 8;
   for (int64_t j = j_begin; j < j_end; ++j) {
     __m512 acc[kMaxRows];
@@ -231,35 +232,35 @@ VOKEN_AVX512 void few_rows_gemv_avx512(const float* x, const bf16_bits* w, const
 
 template <typename T>
 void accumulate_channels_any(const T* x, const float* shift, float* s1, float* s2, int64_t channels) {
-#ifdef VOKEN_HAVE_AVX512_KERNELS
+#ifdef VOKEN_X86_KERNELS
   if (use_avx512()) return accumulate_channels_avx512(x, shift, s1, s2, channels);
 #endif
   accumulate_channels(x, shift, s1, s2, channels);
 }
 template <typename T>
 void accumulate_run_any(const T* x, int64_t n, float shift, double& sum, double& sum_sq) {
-#ifdef VOKEN_HAVE_AVX512_KERNELS
+#ifdef VOKEN_X86_KERNELS
   if (use_avx512()) return accumulate_run_avx512(x, n, shift, sum, sum_sq);
 #endif
   accumulate_run(x, n, shift, sum, sum_sq);
 }
 template <typename T>
 void affine_row_any(const T* x, T* y, const float* scale, const float* offset, int64_t n, bool apply_silu) {
-#ifdef VOKEN_HAVE_AVX512_KERNELS
+#ifdef VOKEN_X86_KERNELS
   if (use_avx512()) return affine_row_avx512(x, y, scale, offset, n, apply_silu);
 #endif
   affine_row(x, y, scale, offset, n, apply_silu);
 }
 template <typename T>
 void affine_plane_any(const T* x, T* y, float scale, float offset, int64_t n, bool apply_silu) {
-#ifdef VOKEN_HAVE_AVX512_KERNELS
+#ifdef VOKEN_X86_KERNELS
   if (use_avx512()) return affine_plane_avx512(x, y, scale, offset, n, apply_silu);
 #endif
   affine_plane(x, y, scale, offset, n, apply_silu);
 }
 template <typename T>
 void softmax_row_any(const T* x, T* out, float* scratch, int64_t n) {
-#ifdef VOKEN_HAVE_AVX512_KERNELS
+#ifdef VOKEN_X86_KERNELS
   if (use_avx512()) return softmax_row_avx512(x, out, scratch, n);
 #endif
   softmax_row(x, out, scratch, n);
@@ -267,7 +268,7 @@ void softmax_row_any(const T* x, T* out, float* scratch, int64_t n) {
 
 template <typename T>
 void geglu_row_any(const T* value, const T* gate, T* out, int64_t n) {
-#ifdef VOKEN_HAVE_AVX512_KERNELS
+#ifdef VOKEN_X86_KERNELS
   if (use_avx512()) return geglu_row_avx512(value, gate, out, n);
 #endif
   geglu_row(value, gate, out, n);
@@ -275,7 +276,7 @@ void geglu_row_any(const T* value, const T* gate, T* out, int64_t n) {
 
 template <typename T>
 void geglu_rows(const T* projected, T* out, int64_t rows, int64_t inner) {
-  core::parallel_range(0, rows, std::max<int64_t>(1, 16384 / inner), [&](int64_t begin, int64_t end) {
+  parallel_range(0, rows, std::max<int64_t>(1, 16384 / inner), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       geglu_row_any(projected + r * 2 * inner, projected + r * 2 * inner + inner, out + r * inner, inner);
   });
@@ -316,7 +317,7 @@ void group_norm_nchw(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
   const int64_t span = per_group * spatial;
   std::vector<double> sum(batch * groups, 0.0), sum_sq(batch * groups, 0.0);
   std::vector<float> shift(batch * groups);
-  core::parallel_range(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     constexpr int64_t kRun = 4096;  // float partial sums stay exact enough over this many values
     for (int64_t bg = begin; bg < end; ++bg) {
       const T* base = x + bg * span;
@@ -327,7 +328,7 @@ void group_norm_nchw(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
   });
   std::vector<float> scale, offset;
   group_factors(sum, sum_sq, shift, batch, channels, groups, span, weight, bias, eps, scale, offset);
-  core::parallel_range(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bc = begin; bc < end; ++bc)
       affine_plane_any(x + bc * spatial, y + bc * spatial, scale[bc], offset[bc], spatial, apply_silu);
   });
@@ -349,7 +350,7 @@ void group_norm_nhwc(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
       if (c % per_group == 0) group_shift[b * groups + c / per_group] = s;
     }
   std::vector<double> partial1(batch * chunks * channels), partial2(batch * chunks * channels);
-  core::parallel_range(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s1(channels), s2(channels);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, chunk = task % chunks;
@@ -376,7 +377,7 @@ void group_norm_nhwc(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
   std::vector<float> scale, offset;
   group_factors(sum, sum_sq, group_shift, batch, channels, groups, per_group * spatial, weight, bias, eps,
                 scale, offset);
-  core::parallel_range(0, batch * spatial, 64, [&](int64_t begin, int64_t end) {
+  parallel_range(0, batch * spatial, 64, [&](int64_t begin, int64_t end) {
     for (int64_t bp = begin; bp < end; ++bp) {
       const int64_t b = bp / spatial;
       affine_row_any(x + bp * channels, y + bp * channels, scale.data() + b * channels,
@@ -388,7 +389,7 @@ void group_norm_nhwc(const T* x, T* y, int64_t batch, int64_t channels, int64_t 
 template <typename T>
 void layer_norm_rows(const T* x, T* y, int64_t rows, int64_t dim, const std::vector<float>& weight,
                      const std::vector<float>& bias, double eps) {
-  core::parallel_range(0, rows, 16, [&](int64_t begin, int64_t end) {
+  parallel_range(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> scale(dim), offset(dim);
     for (int64_t r = begin; r < end; ++r) {
       const T* row = x + r * dim;
@@ -413,7 +414,7 @@ void layer_norm_rows(const T* x, T* y, int64_t rows, int64_t dim, const std::vec
 
 template <typename T>
 void softmax_rows(T* data, int64_t rows, int64_t n) {
-  core::parallel_range(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
+  parallel_range(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(n);
     for (int64_t r = begin; r < end; ++r) softmax_row_any(data + r * n, data + r * n, scratch.data(), n);
   });
@@ -468,9 +469,9 @@ at::Tensor few_rows_linear_bf16(const at::Tensor& x, const at::Tensor& weight, c
   const at::Tensor bc = bias.defined() ? bias.contiguous() : bias;
   const int64_t rows = xc.size(0), in = xc.size(1), out = weight.size(0);
   at::Tensor y = at::empty({rows, out}, xc.options());
-#ifdef VOKEN_HAVE_AVX512_KERNELS
+#ifdef VOKEN_X86_KERNELS
   const auto* w = reinterpret_cast<const bf16_bits*>(weight.data_ptr<at::BFloat16>());
-  core::parallel_range(0, out, 16, [&](int64_t begin, int64_t end) {
+  parallel_range(0, out, 16, [&](int64_t begin, int64_t end) {
     few_rows_gemv_avx512(xc.data_ptr<float>(), w, bc.defined() ? bc.data_ptr<float>() : nullptr,
                          y.data_ptr<float>(), rows, in, out, begin, end);
   });
@@ -556,4 +557,74 @@ at::Tensor layer_norm(const at::Tensor& input, const at::Tensor& weight, const a
   return y;
 }
 
-}  // namespace voken::diffusion
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+// The vision encoder's bf16 LayerNorm (layer_norm_bf16).
+
+#ifdef VOKEN_X86_KERNELS
+
+VOKEN_TARGET_AVX512 void layer_norm_bf16_rows(const uint16_t* x, int64_t ldx, uint16_t* y, int64_t ldy,
+                                              const float* weight, const float* bias, int64_t channels,
+                                              float eps, int64_t begin, int64_t end) {
+  const float inverse_count = 1.0f / static_cast<float>(channels);
+  for (int64_t r = begin; r < end; ++r) {
+    const uint16_t* row = x + r * ldx;
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t c = 0; c < channels; c += 16)
+      sum = _mm512_add_ps(sum, simd::load16(row + c, simd::tail_mask(channels - c)));
+    const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) * inverse_count);
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t c = 0; c < channels; c += 16) {
+      const __mmask16 m = simd::tail_mask(channels - c);
+      const __m512 d = _mm512_maskz_sub_ps(m, simd::load16(row + c, m), mean);
+      squares = _mm512_fmadd_ps(d, d, squares);
+    }
+    const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(squares) * inverse_count + eps));
+    uint16_t* out = y + r * ldy;
+    for (int64_t c = 0; c < channels; c += 16) {
+      const __mmask16 m = simd::tail_mask(channels - c);
+      __m512 v = _mm512_mul_ps(_mm512_sub_ps(simd::load16(row + c, m), mean), rstd);
+      if (weight) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, weight + c));
+      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + c));
+      simd::store16(out + c, v, m);
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+at::Tensor layer_norm_bf16(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                           double eps) {
+  if (!x.defined() || x.dim() < 1 || x.scalar_type() != at::kBFloat16 || !x.device().is_cpu())
+    throw ArgumentError("layer_norm_bf16: x must be a bfloat16 CPU tensor");
+  const int64_t channels = x.size(-1);
+  for (const at::Tensor* t : {&weight, &bias})
+    if (t->defined() && t->numel() != channels)
+      throw ArgumentError("layer_norm_bf16: weight/bias have " + std::to_string(t->numel()) + " values for " +
+                          std::to_string(channels) + " channels");
+#ifdef VOKEN_X86_KERNELS
+  if (cpu_tier() >= CpuTier::avx512 && channels > 0) {
+    at::Tensor rows = x.reshape({-1, channels});
+    if (rows.stride(1) != 1) rows = rows.contiguous();
+    const at::Tensor w = weight.defined() ? weight.to(at::kFloat).contiguous() : at::Tensor();
+    const at::Tensor b = bias.defined() ? bias.to(at::kFloat).contiguous() : at::Tensor();
+    at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+    const auto* xp = reinterpret_cast<const uint16_t*>(rows.data_ptr<at::BFloat16>());
+    auto* yp = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+    const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    const int64_t ldx = rows.stride(0);
+    parallel_range(0, rows.size(0), 16, [&](int64_t begin, int64_t end) {
+      layer_norm_bf16_rows(xp, ldx, yp, channels, wp, bp, channels, static_cast<float>(eps), begin, end);
+    });
+    return out;
+  }
+#endif
+  return at::layer_norm(x.to(at::kFloat), {channels}, weight.defined() ? weight.to(at::kFloat) : weight,
+                        bias.defined() ? bias.to(at::kFloat) : bias, eps)
+      .to(at::kBFloat16);
+}
+
+}  // namespace voken::core

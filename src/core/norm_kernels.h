@@ -11,7 +11,7 @@
 
 #include <ATen/core/Tensor.h>
 
-namespace voken::diffusion {
+namespace voken::core {
 
 // x: [B, C, *spatial] float32 or bfloat16, NCHW-contiguous or channels-last (other strides are
 // made contiguous first). weight, bias: [C] (any float dtype). Returns x's dtype and memory order.
@@ -38,9 +38,15 @@ at::Tensor geglu(const at::Tensor& projected);
 
 // y = x W^T + b for a few rows: x float32 [rows, in], W bfloat16 [out, in] contiguous, b float32
 // [out] or undefined -> float32 [rows, out]. Reads W once, at memory speed; oneDNN's bfloat16
-// matmul repacks W on every call, ~10x slower at two rows. Requires AVX-512 (cpu_has_avx512()).
+// matmul repacks W on every call, ~10x slower at two rows. Requires the avx512 tier or above.
 at::Tensor few_rows_linear_bf16(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
 // Whether few_rows_linear_bf16 is available here.
 bool has_few_rows_linear_bf16();
 
-}  // namespace voken::diffusion
+// LayerNorm over the last dimension of a bf16 x [..., C] (unit stride in the last dimension),
+// computed in float32 (two-pass mean and variance), weight/bias [C] of any float dtype (or
+// undefined), the result rounded once to bf16, as at::layer_norm(x.float(), ...).bfloat16()
+// computes it. Falls back to exactly that on CPUs without AVX-512.
+at::Tensor layer_norm_bf16(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
+
+}  // namespace voken::core
