@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include "common/test_support.h"
+#include "core/cpu.h"
 
 namespace voken::test {
 
@@ -101,8 +102,16 @@ void ParityCase::compare_exact(const std::string& output, const at::Tensor& got,
 
 bool ParityCase::finish() {
   finished_ = true;
-  std::printf("PARITY %s/%s max_abs_err=%.3g atol=%.3g %s\n", component_.c_str(), case_name_.c_str(),
-              max_abs_err_, atol_, pass_ ? "PASS" : "FAIL");
+  // The CPU tier the kernels ran at (VOKEN_CPU chooses it) follows the case name, so that the
+  // passes of one suite at several tiers read apart.
+  std::string tier;
+  try {
+    tier = core::tier_name(core::cpu_tier());
+  } catch (const std::exception&) {
+    tier = "?";
+  }
+  std::printf("PARITY %s/%s@%s max_abs_err=%.3g atol=%.3g %s\n", component_.c_str(), case_name_.c_str(),
+              tier.c_str(), max_abs_err_, atol_, pass_ ? "PASS" : "FAIL");
   std::fflush(stdout);
   return pass_;
 }

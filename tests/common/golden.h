@@ -1,6 +1,7 @@
 // Reading a golden folder ($VOKEN_GOLDEN_DIR/<component>: cases.json + cases.safetensors +
 // model/) and reporting parity in the one-line format every parity test prints:
-//   PARITY <component>/<case> max_abs_err=<e> atol=<a> PASS|FAIL
+//   PARITY <component>/<case>@<tier> max_abs_err=<e> atol=<a> PASS|FAIL
+// where <tier> is the CPU kernel tier the case ran at (core/cpu.h; VOKEN_CPU forces a lower one).
 #pragma once
 
 #include <ATen/ATen.h>
