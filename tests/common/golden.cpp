@@ -104,16 +104,35 @@ bool ParityCase::finish() {
   finished_ = true;
   // The CPU tier the kernels ran at (VOKEN_CPU chooses it) follows the case name, so that the
   // passes of one suite at several tiers read apart.
-  std::string tier;
-  try {
-    tier = core::tier_name(core::cpu_tier());
-  } catch (const std::exception&) {
-    tier = "?";
-  }
   std::printf("PARITY %s/%s@%s max_abs_err=%.3g atol=%.3g %s\n", component_.c_str(), case_name_.c_str(),
-              tier.c_str(), max_abs_err_, atol_, pass_ ? "PASS" : "FAIL");
+              tier_label().c_str(), max_abs_err_, atol_, pass_ ? "PASS" : "FAIL");
   std::fflush(stdout);
   return pass_;
+}
+
+std::string tier_label() {
+  try {
+    return core::tier_name(core::cpu_tier());
+  } catch (const std::exception&) {
+    return "?";
+  }
+}
+
+bool check_bf16(const std::string& component, const std::string& case_name, const std::string& output,
+                const at::Tensor& got, const at::Tensor& want, double relative, double upstream_bf16) {
+  const bool shapes = got.defined() && want.defined() && got.sizes().equals(want.sizes());
+  const double allowed = want.defined() ? relative * want.abs().max().item<double>() : 0.0;
+  const double err =
+      shapes ? (got.to(at::kDouble) - want.to(at::kDouble)).abs().max().item<double>() : INFINITY;
+  const bool pass = err <= allowed;
+  std::string upstream;
+  if (upstream_bf16 >= 0) upstream = " upstream_bf16=" + std::to_string(upstream_bf16);
+  std::printf("BF16 %s/%s@%s %s max_abs_err=%.3g allowed=%.3g%s %s\n", component.c_str(), case_name.c_str(),
+              tier_label().c_str(), output.c_str(), err, allowed, upstream.c_str(), pass ? "PASS" : "FAIL");
+  std::fflush(stdout);
+  EXPECT_TRUE(pass) << component << "/" << case_name << " " << output << ": bfloat16 max |err| " << err
+                    << " > " << allowed << (shapes ? "" : " (shapes differ)");
+  return pass;
 }
 
 }  // namespace voken::test

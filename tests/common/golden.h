@@ -69,4 +69,15 @@ class ParityCase {
   bool finished_ = false;
 };
 
+// bfloat16 runs against the float32 goldens: max |got - want| <= `relative` * max |want| (a
+// tolerance the calling test documents). Prints
+//   BF16 <component>/<case>@<tier> <output> max_abs_err=<e> allowed=<a> [upstream_bf16=<u>] PASS|FAIL
+// (upstream's own bf16 distance beside when the golden records one, i.e. upstream_bf16 >= 0),
+// records a gtest failure when it fails, and returns whether it passed.
+bool check_bf16(const std::string& component, const std::string& case_name, const std::string& output,
+                const at::Tensor& got, const at::Tensor& want, double relative, double upstream_bf16 = -1.0);
+
+// The CPU tier this process runs its kernels at ("amx", "avx2", ...), for report lines.
+std::string tier_label();
+
 }  // namespace voken::test

@@ -7,7 +7,7 @@
 // The same cases also run with bfloat16 weights and activations, against the float32 expectation
 // with a looser tolerance documented here (not in the golden): max |err| <= 5% of the output's
 // largest magnitude. Upstream's own bfloat16 distance ("info_bf16_maxdiff") is printed beside for
-// comparison. Those lines read "BF16 unet/<case> ..." (PARITY lines are float32 only).
+// comparison. Those lines read "BF16 unet/<case>@<tier> ..." (PARITY lines are float32 only).
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -88,18 +88,12 @@ TEST_F(UNetParity, EveryGoldenCaseBFloat16) {
     SCOPED_TRACE(name);
     const at::Tensor got = run(c, at::kBFloat16);
     for (const auto& [output, description] : c.at("outputs").items()) {
-      const at::Tensor want = golden_->tensor(output);
-      ASSERT_TRUE(got.sizes().equals(want.sizes())) << output;
       const double upstream_bf16 =
           c.contains("info_bf16_maxdiff") && c.at("info_bf16_maxdiff").contains(output)
               ? c.at("info_bf16_maxdiff").at(output).get<double>()
-              : 0.0;
-      const double allowed = kBf16RelativeTolerance * want.abs().max().item<double>();
-      const double err = (got.to(at::kDouble) - want.to(at::kDouble)).abs().max().item<double>();
-      const bool pass = err <= allowed;
-      std::printf("BF16 unet/%s max_abs_err=%.3g allowed=%.3g upstream_bf16=%.3g %s\n", name.c_str(), err,
-                  allowed, upstream_bf16, pass ? "PASS" : "FAIL");
-      EXPECT_TRUE(pass) << output << ": bfloat16 max |err| " << err << " > " << allowed;
+              : -1.0;
+      test::check_bf16("unet", name, output, got, golden_->tensor(output), kBf16RelativeTolerance,
+                       upstream_bf16);
     }
   }
 }

@@ -8,7 +8,7 @@
 //
 // bfloat16 runs of the same cases are compared with the float32 expectation within 5% of each
 // output's largest magnitude, upstream's own bfloat16 distance ("info_bf16_maxdiff") printed
-// beside (lines "BF16 vae/<case> ..."; PARITY lines are float32 only).
+// beside (lines "BF16 vae/<case>@<tier> ..."; PARITY lines are float32 only).
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -106,18 +106,12 @@ TEST_F(VaeParity, EveryGoldenCaseBFloat16) {
     for (const auto& [output, description] : c.at("outputs").items()) {
       const auto it = got.find(output);
       ASSERT_NE(it, got.end()) << output;
-      const at::Tensor want = golden_->tensor(output);
-      ASSERT_TRUE(it->second.sizes().equals(want.sizes())) << output;
       const double upstream_bf16 =
           c.contains("info_bf16_maxdiff") && c.at("info_bf16_maxdiff").contains(output)
               ? c.at("info_bf16_maxdiff").at(output).get<double>()
-              : 0.0;
-      const double allowed = kBf16RelativeTolerance * want.abs().max().item<double>();
-      const double err = (it->second.to(at::kDouble) - want.to(at::kDouble)).abs().max().item<double>();
-      const bool pass = err <= allowed;
-      std::printf("BF16 vae/%s %s max_abs_err=%.3g allowed=%.3g upstream_bf16=%.3g %s\n", name.c_str(),
-                  output.c_str(), err, allowed, upstream_bf16, pass ? "PASS" : "FAIL");
-      EXPECT_TRUE(pass) << output << ": bfloat16 max |err| " << err << " > " << allowed;
+              : -1.0;
+      test::check_bf16("vae", name, output, it->second, golden_->tensor(output), kBf16RelativeTolerance,
+                       upstream_bf16);
     }
   }
 }

@@ -28,7 +28,7 @@
 namespace voken::llm::test_cases {
 
 // One comparison sink per case: the golden PARITY reporter, or a plain one for extra checks
-// (bf16) that must not print PARITY lines.
+// (bf16, "BF16" lines) that must not print PARITY lines.
 class CaseReport {
  public:
   CaseReport(const std::string& component, const std::string& name, bool parity)
@@ -37,8 +37,8 @@ class CaseReport {
   }
   ~CaseReport() {
     if (!parity_)
-      std::printf("CHECK %s max_abs_err=%.3g atol=%.3g %s\n", label_.c_str(), max_err_, atol_,
-                  pass_ ? "PASS" : "FAIL");
+      std::printf("BF16 %s@%s max_abs_err=%.3g atol=%.3g %s\n", label_.c_str(), test::tier_label().c_str(),
+                  max_err_, atol_, pass_ ? "PASS" : "FAIL");
   }
   void compare(const std::string& output, const at::Tensor& got, const at::Tensor& want, double atol,
                double rtol) {
@@ -75,7 +75,7 @@ class CaseReport {
 };
 
 struct RunOptions {
-  // Prints PARITY lines (the golden tolerances) when true; CHECK lines otherwise.
+  // Prints PARITY lines (the golden tolerances) when true; BF16 lines otherwise.
   bool parity = true;
   // Tolerance of an output: (atol, rtol). Default: the case's own.
   std::function<std::pair<double, double>(const io::Json& c, const std::string& output,

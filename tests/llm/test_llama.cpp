@@ -224,29 +224,6 @@ TEST(KvCache, TruncateAndRefeedGivesTheSameResult) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// bf16 weights against the float32 goldens (teacher-forced greedy steps). Documented tolerance:
-// bf16 keeps 8 significant bits, so each weight is off by up to 2^-9 relative; through a few
-// layers the logits move by ~1% of their range. atol = 3% of max|want| (+ the case's rtol).
-
-TEST(Bfloat16, GoldenCasesWithinBf16Tolerance) {
-  for (const char* component : {"llama", "llama_e2e"}) {
-    const auto golden = test::GoldenSet::open(component);
-    if (!golden) GTEST_SKIP() << test::GoldenSet::missing_reason(component);
-    LlamaLoadOptions options;
-    options.dtype = at::kBFloat16;
-    const Llama model = Llama::load(golden->model_dir(), options);
-    test_cases::RunOptions run;
-    run.parity = false;
-    run.teacher_forcing = true;
-    run.tolerance = [](const io::Json& c, const std::string&, const at::Tensor& want) {
-      return std::pair<double, double>{0.03 * want.abs().max().item<double>(), c.value("rtol", 0.0)};
-    };
-    test_cases::run_cases(
-        *golden, [&](const io::Json&) -> const Llama& { return model; }, run);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
 // The streaming bf16 kernel against at::linear on the same (widened) weights.
 
 TEST(StreamingKernel, MatchesFloat32ProductForAllRowCountsAndTails) {

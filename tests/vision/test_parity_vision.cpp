@@ -8,6 +8,12 @@
 //   <case>.input          -> ln_vision (output <case>.ln_vision) or llama_proj (<case>.llama_proj)
 //   <case>.image_embeds   -> Q-Former (output <case>.last_hidden_state)
 // Tolerances: atol_per_output[name] when given, else the case's atol; rtol from the case.
+//
+// The image cases also run with bfloat16 weights and activations against the float32 goldens
+// ("BF16 vision/<case>@<tier>" lines): bf16 keeps 8 significant bits (2^-9 relative rounding) per
+// weight and activation, which through the ViT, the Q-Former and the projection adds up to about
+// 1% of each stage's scale; the bound is 5% of the stage's largest |value| (a wrong op or layout
+// gives errors of the order of the values themselves).
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -65,11 +71,49 @@ class VisionParity : public ::testing::Test {
     return *slot;
   }
 
+  // The same in bfloat16.
+  const ImageEncoder& encoder_bf16(int64_t img_size) {
+    auto& slot = encoders_bf16_[img_size];
+    if (!slot) {
+      auto config = config_;
+      config.vision.img_size = img_size;
+      slot = std::make_unique<ImageEncoder>(ImageEncoder::load(files_, config, {at::kBFloat16}));
+    }
+    return *slot;
+  }
+
   std::optional<test::GoldenSet> golden_;
   ImageEncoderFiles files_;
   ImageEncoderConfig config_;
   std::map<int64_t, std::unique_ptr<ImageEncoder>> encoders_;
+  std::map<int64_t, std::unique_ptr<ImageEncoder>> encoders_bf16_;
 };
+
+constexpr double kBf16RelativeTolerance = 0.05;
+
+TEST_F(VisionParity, EveryImageCaseBFloat16) {
+  int image_cases = 0;
+  for (const auto& c : golden_->cases()) {
+    const std::string name = c.at("name").get<std::string>();
+    if (!c.at("inputs").contains(name + ".image")) continue;
+    SCOPED_TRACE(name);
+    ++image_cases;
+    const auto& bf16 = encoder_bf16(c.value("vit_img_size", config_.vision.img_size));
+    const auto features = bf16.encode_all(golden_->tensor(name + ".image"));
+    const std::map<std::string, at::Tensor> got = {{"vit", features.vit},
+                                                   {"ln_vision", features.ln_vision},
+                                                   {"qformer", features.qformer},
+                                                   {"llama_proj", features.llama_proj}};
+    for (const auto& [output, description] : c.at("outputs").items()) {
+      const auto found = got.find(output.substr(name.size() + 1));
+      if (found == got.end()) continue;  // pos_embed: a weight, not a computation
+      EXPECT_EQ(found->second.scalar_type(), at::kBFloat16) << output;
+      test::check_bf16("vision", name, output, found->second, golden_->tensor(output),
+                       kBf16RelativeTolerance);
+    }
+  }
+  if (image_cases == 0) GTEST_SKIP() << "no case of " << golden_->dir() << " starts from an image";
+}
 
 TEST_F(VisionParity, EveryGoldenCase) {
   ASSERT_FALSE(golden_->cases().empty());
