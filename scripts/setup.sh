@@ -10,11 +10,11 @@ voken_build
 # Main job: MiniGPT-5 end to end. With a real bundle (VOKEN_BUNDLE=path/to/bundle.json, see
 # docs/bundle.md) one story is generated from it; otherwise `voken demo` writes a tiny bundle with
 # random weights in the real file formats and runs the same pipeline on it (labelled as such).
-# OpenBLAS (libtorch's fp32 BLAS) picks AVX2 kernels on CPU models it does not know, e.g. in VMs;
-# ask for its AVX-512 ones where the CPU has them (README, "fp32 GEMM and OpenBLAS").
-if [ -z "${OPENBLAS_CORETYPE:-}" ] && grep -qw avx512f /proc/cpuinfo && grep -qw avx512bw /proc/cpuinfo &&
-  grep -qw avx512dq /proc/cpuinfo && grep -qw avx512vl /proc/cpuinfo && grep -qw avx512cd /proc/cpuinfo; then
-  export OPENBLAS_CORETYPE=SkylakeX
+# OpenBLAS (libtorch's fp32 BLAS) takes some recent Intel CPUs for a Pentium 4; ask for the kernels
+# its own fallback would pick, only on those models (README, "fp32 GEMM and OpenBLAS").
+if [ -z "${OPENBLAS_CORETYPE:-}" ]; then
+  coretype=$("$VOKEN_PYTHON" python/voken/_openblas.py)
+  if [ -n "$coretype" ]; then export OPENBLAS_CORETYPE="$coretype"; fi
 fi
 echo "== voken info"
 "$VOKEN_BUILD_DIR/voken" info

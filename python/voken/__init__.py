@@ -17,27 +17,11 @@ voken's own errors, is a RuntimeError); voken.Cancelled when a progress callback
 import os as _os
 
 
-def _cpu_has_avx512():
-    """Whether /proc/cpuinfo lists AVX-512 F, CD, BW, DQ and VL (what OpenBLAS's SkylakeX kernels use)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"} <= set(flags)
+from . import _openblas  # noqa: E402
 
-
-def _prefer_avx512_blas():
-    """Debian's libtorch does fp32 GEMM in OpenBLAS, which picks its kernels from the CPU model
-    at load time. Virtual machines that report a model it does not know get its Haswell (AVX2)
-    kernels, half the speed of its SkylakeX (AVX-512) ones. When the CPU has AVX-512 and the user
-    chose nothing, ask for SkylakeX before the native module loads OpenBLAS. (Without effect if
-    OpenBLAS is already loaded, e.g. by an earlier `import torch`.)"""
-    if "OPENBLAS_CORETYPE" not in _os.environ and _cpu_has_avx512():
-        _os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
-
-
-_prefer_avx512_blas()
+# Debian's libtorch does float32 products in OpenBLAS, which misdetects some recent Intel CPUs
+# as a Pentium 4; ask for the right kernels before the native module loads it (_openblas.py).
+_openblas.apply()
 
 from ._voken import (  # noqa: F401,E402
     AddedToken,

@@ -311,20 +311,48 @@ def test_threads_default_to_one_per_core():
                  import_torch_first=False, unset_env=("OMP_NUM_THREADS",))
 
 
-def test_openblas_uses_avx512_kernels_where_the_cpu_has_them():
-    # In VMs OpenBLAS may not know the CPU model and fall back to AVX2 kernels (half the fp32
-    # GEMM speed); importing voken asks for its AVX-512 ones first where the CPU has them.
-    if not voken._cpu_has_avx512():
-        pytest.skip("this CPU has no AVX-512")
+def test_openblas_override_only_for_the_models_openblas_misdetects():
+    # OpenBLAS 0.3.21's get_coretype(): Intel family 6 with an extended model >= 11, and Intel
+    # families above 15, fall through to its Pentium 4 kernels; everything else it gets right.
+    from voken import _openblas
+    avx512_bf16 = {"avx", "avx2", "fma", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl",
+                   "avx512_bf16"}
+    avx512 = avx512_bf16 - {"avx512_bf16"}
+    avx2 = {"avx", "avx2", "fma"}
+    cases = [
+        (("GenuineIntel", 6, 207, avx512_bf16), "Cooperlake"),  # Emerald Rapids
+        (("GenuineIntel", 6, 183, avx2), "Haswell"),  # Raptor Lake
+        (("GenuineIntel", 6, 198, avx2), "Haswell"),  # Arrow Lake
+        (("GenuineIntel", 19, 1, avx512), "SkylakeX"),  # a family OpenBLAS 0.3.21 does not know
+        (("GenuineIntel", 6, 143, avx512_bf16), None),  # Sapphire Rapids: known to OpenBLAS
+        (("GenuineIntel", 6, 85, avx512), None),  # Skylake-SP / Cascade Lake
+        (("GenuineIntel", 6, 173, avx512_bf16), None),  # Granite Rapids: its feature fallback
+        (("AuthenticAMD", 26, 2, avx512_bf16), None),  # Zen 5: its feature fallback (Cooperlake)
+        (("AuthenticAMD", 25, 17, avx512_bf16), None),  # Zen 4
+        (("GenuineIntel", 6, 207, {"sse2"}), None),  # nothing better to ask for
+    ]
+    for cpu, expected in cases:
+        assert _openblas.coretype_override(cpu) == expected, (cpu[:3], expected)
+
+
+def test_openblas_kernels_fit_the_cpu_after_import():
+    # Importing voken leaves OpenBLAS with kernels for this CPU's instruction set: never the
+    # Pentium 4 ones it picks for the models it misdetects.
+    from voken import _openblas
+    cpu = _openblas.read_cpuinfo()
+    if cpu is None:
+        pytest.skip("no x86 /proc/cpuinfo here")
+    expected = _openblas.coretype_override(cpu)
     run_isolated("import ctypes, os, voken\n"
-                 "assert os.environ.get('OPENBLAS_CORETYPE') == 'SkylakeX', os.environ.get('OPENBLAS_CORETYPE')\n"
+                 f"assert os.environ.get('OPENBLAS_CORETYPE') == {expected!r}, os.environ.get('OPENBLAS_CORETYPE')\n"
                  "try:\n"
                  "    blas = ctypes.CDLL('libopenblas.so.0')\n"
                  "except OSError:\n"
                  "    raise SystemExit(0)  # libtorch's BLAS is not OpenBLAS here\n"
                  "blas.openblas_get_corename.restype = ctypes.c_char_p\n"
                  "core = blas.openblas_get_corename().decode()\n"
-                 "assert core.lower() == 'skylakex', core\n",
+                 "assert core.lower() not in ('prescott', 'northwood', 'katmai', 'banias'), core\n"
+                 "assert core.lower() == voken.build_info()['blas_core'].lower(), core\n",
                  import_torch_first=False, unset_env=("OPENBLAS_CORETYPE",))
 
 
@@ -343,6 +371,13 @@ def test_version_and_build_info():
     assert isinstance(info["cuda_enabled"], bool)
     assert isinstance(info["cuda_available"], bool)
     assert info["cuda_enabled"] or not info["cuda_available"]
+    # The CPU and the kernel tier (core/cpu.h): named, and never above what the CPU offers.
+    tiers = ["generic", "avx2", "avx512", "avx512_bf16", "amx"]
+    assert info["cpu_tier"] in tiers and info["cpu_native_tier"] in tiers, info
+    assert tiers.index(info["cpu_tier"]) <= tiers.index(info["cpu_native_tier"])
+    assert info["cpu_model"], info
+    assert info["run_threads"] >= 1
+    assert isinstance(info["cpu_features"], list)
     assert isinstance(info["intra_op_threads"], int) and info["intra_op_threads"] >= 1
     assert isinstance(info["parallel_info"], str) and info["parallel_info"]
 
