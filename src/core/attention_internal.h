@@ -1,0 +1,90 @@
+// What the per-tier attention kernels (attention_amx.cpp, attention_avx512.cpp,
+// attention_avx2.cpp) share with core/attention.cpp: the call's description, the packings of K
+// and V, and the online-softmax constants. Internal header, no intrinsics.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+
+#include "core/attention.h"
+#include "core/work_ranges.h"
+
+namespace voken::core::attention_detail {
+
+using bf16_bits = uint16_t;
+
+// One call: the operands, the output [B, Tq, heads * D] (contiguous) and where the scale enters.
+struct AttentionJob : AttentionOperands {
+  bf16_bits* out = nullptr;
+  AttentionNumerics numerics = AttentionNumerics::ScaledScoresFloat32;
+  float scale = 1;
+
+  // ScaledQueryBf16 multiplies q by the scale (and rounds to bf16) before the product; the scores
+  // are then used as they are.
+  bool scales_query() const { return numerics == AttentionNumerics::ScaledQueryBf16; }
+  float score_scale() const { return scales_query() ? 1.0f : scale; }
+  int64_t out_row() const { return heads * head_dim; }
+  const bf16_bits* q_row_ptr(int64_t b, int64_t h, int64_t n) const {
+    return q + b * q_batch + n * q_row + h * head_dim;
+  }
+  const bf16_bits* k_row_ptr(int64_t b, int64_t h, int64_t n) const {
+    return k + b * k_batch + n * k_row + h * head_dim;
+  }
+  const bf16_bits* v_row_ptr(int64_t b, int64_t h, int64_t n) const {
+    return v + b * v_batch + n * v_row + h * head_dim;
+  }
+  bf16_bits* out_row_ptr(int64_t b, int64_t h, int64_t n) const {
+    return out + (b * queries + n) * out_row() + h * head_dim;
+  }
+};
+
+// The running row maximum is only raised (and the output rescaled) when a chunk's scores exceed it
+// by more than this after scaling (in natural-log units): exp() arguments stay below it, so
+// nothing overflows and the sums stay exact to float rounding, while rescales become rare after
+// the first chunks.
+constexpr float kRescaleThreshold = 8.0f;
+
+// 64-byte aligned, uninitialised memory for `count` values of T (scratch and packed operands).
+void* aligned_bytes(int64_t bytes);  // throws std::bad_alloc
+template <typename T>
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(int64_t count)
+      : memory_(static_cast<T*>(aligned_bytes(count * int64_t(sizeof(T))))) {}
+  T* get() const { return memory_.get(); }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> memory_;
+};
+
+// Keys of one (batch, head) in key tiles of `tile` keys (the last one `keys_padded` minus the
+// others wide): per tile [dim_words][width] 32-bit words, tile t at t * tile * dim_words. K word
+// (w, n) holds dimensions 2w and 2w + 1 of key n (the pair a vdpbf16ps or AMX B operand takes)
+// for `pairs`, else dimension w widened to float32; zero beyond head_dim and keys.
+void pack_keys_bf16_pairs(const AttentionJob& job, int64_t bh, int64_t tile, int64_t dim_words,
+                          int64_t keys_padded, uint32_t* packed);
+void pack_keys_float32(const AttentionJob& job, int64_t bh, int64_t tile, int64_t keys_padded, float* packed);
+// Values of one (batch, head): [keys_padded / 2][dims_padded] words, word (j, d) holding
+// dimension d of keys 2j and 2j + 1 (pairs for vdpbf16ps / AMX); zero padded.
+void pack_values_bf16_pairs(const AttentionJob& job, int64_t bh, int64_t keys_padded, int64_t dims_padded,
+                            uint32_t* packed);
+// Values widened: [keys_padded][dims_padded] float32, zero padded.
+void pack_values_float32(const AttentionJob& job, int64_t bh, int64_t keys_padded, int64_t dims_padded,
+                         float* packed);
+
+// Runs body(worker, ranges) on up to parallel_threads() workers sharing `units` work items (a
+// worker's scratch is then set up once, not per item).
+void run_units(int64_t units, void (*body)(const void* context, WorkRanges& ranges, int64_t worker),
+               const void* context);
+
+// The tier kernels. Each fills job.out; the caller has checked the operands and the shape.
+void attention_amx(const AttentionJob& job);
+void attention_avx512_bf16(const AttentionJob& job);
+void attention_avx512(const AttentionJob& job);
+void attention_avx2(const AttentionJob& job);
+
+}  // namespace voken::core::attention_detail
