@@ -233,7 +233,61 @@ VOKEN_TARGET_AVX2 void run_units_avx2(const void* context, WorkRanges& ranges, i
   }
 }
 
+// 8 x 8 transpose of float32 lanes.
+VOKEN_TARGET_AVX2 inline void transpose8x8(__m256 r[8]) {
+  __m256 t[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  // u[4g + c] holds, in its 128-bit half k, column 4k + c of rows 4g..4g+3.
+  __m256 u[8];
+  for (int g = 0; g < 8; g += 4) {
+    u[g] = _mm256_shuffle_ps(t[g], t[g + 2], 0x44);
+    u[g + 1] = _mm256_shuffle_ps(t[g], t[g + 2], 0xEE);
+    u[g + 2] = _mm256_shuffle_ps(t[g + 1], t[g + 3], 0x44);
+    u[g + 3] = _mm256_shuffle_ps(t[g + 1], t[g + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[c + 4], 0x20);
+    r[c + 4] = _mm256_permute2f128_ps(u[c], u[c + 4], 0x31);
+  }
+}
+
 }  // namespace
+
+VOKEN_TARGET_AVX2 void pack_keys_float32(const AttentionJob& job, int64_t bh, int64_t tile,
+                                         int64_t keys_padded, float* packed) {
+  const int64_t b = bh / job.heads, h = bh % job.heads, dims = job.head_dim;
+  for (int64_t t0 = 0; t0 < keys_padded; t0 += tile) {
+    const int64_t width = std::min(tile, keys_padded - t0);
+    float* dst = packed + t0 * dims;
+    // 8 keys x 8 dimensions at a time, widened and transposed in registers.
+    for (int64_t n0 = 0; n0 < width; n0 += 8) {
+      for (int64_t d0 = 0; d0 < dims; d0 += 8) {
+        __m256 rows[8];
+        for (int i = 0; i < 8; ++i) {
+          const int64_t n = t0 + n0 + i;
+          rows[i] = n < job.keys ? simd8::load8(job.k_row_ptr(b, h, n) + d0, dims - d0) : _mm256_setzero_ps();
+        }
+        transpose8x8(rows);
+        const int64_t count = std::min<int64_t>(8, dims - d0);
+        for (int64_t j = 0; j < count; ++j) _mm256_store_ps(dst + (d0 + j) * width + n0, rows[j]);
+      }
+    }
+  }
+}
+
+VOKEN_TARGET_AVX2 void pack_values_float32(const AttentionJob& job, int64_t bh, int64_t keys_padded,
+                                           int64_t dims_padded, float* packed) {
+  const int64_t b = bh / job.heads, h = bh % job.heads, dims = job.head_dim;
+  for (int64_t n = 0; n < keys_padded; ++n) {
+    float* dst = packed + n * dims_padded;
+    const bf16_bits* row = n < job.keys ? job.v_row_ptr(b, h, n) : nullptr;
+    for (int64_t d = 0; d < dims_padded; d += 8)
+      _mm256_store_ps(dst + d, row && d < dims ? simd8::load8(row + d, dims - d) : _mm256_setzero_ps());
+  }
+}
 
 void attention_avx2(const AttentionJob& job) {
   Problem pr(job);

@@ -3,11 +3,11 @@
 //
 // Per (batch, head) K and V are packed once. Each work unit is a block of kRows queries, streamed
 // over the keys in chunks of kChunk with an online softmax, in three phases per chunk:
-//   1. S = Q K^T, kRowTile query rows x 64 keys per register tile (16 accumulators), the chunk's
-//      K (key tiles contiguous) hot in L1 across the block's row tiles;
+//   1. S = Q K^T, 6 query rows x 64 keys per register tile (24 accumulators, 10 loads per 24
+//      products), the chunk's K (key tiles contiguous) hot in L1 across the block's row tiles;
 //   2. the softmax of those rows right away (their scores still in L1): the running maximum,
 //      rescaling of the output rows when it moves, P written for phase 3;
-//   3. O += P V, kRowTile rows x 64 output columns per register tile, the chunk's V hot in L1.
+//   3. O += P V, 6 rows x 64 output columns per register tile, the chunk's V hot in L1.
 // The output rows (float32, kRows x D) stay in L1/L2 for the whole block.
 #include <algorithm>
 #include <cmath>
@@ -32,8 +32,8 @@
 namespace voken::core::attention_detail {
 namespace {
 
-constexpr int kRows = 32;            // queries per work unit
-constexpr int kRowTile = 4;          // query rows per register tile
+constexpr int kRows = 48;            // queries per work unit
+constexpr int kRowTile = 6;          // query rows per register tile
 constexpr int64_t kKeyTile = 64;     // keys per score register tile (4 vectors)
 constexpr int64_t kChunk = 256;      // keys per softmax chunk (a multiple of kKeyTile)
 constexpr int64_t kKeyGranule = 16;  // keys are padded to a multiple of this (one vector)
@@ -107,6 +107,87 @@ VOKEN_TARGET_AVX512 void store_rows(const AttentionJob& job, const Geometry& g, 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Packing into bf16 pairs (for this file's avx512_bf16 kernel and the AMX one).
+
+// 16 x 16 transpose of 32-bit lanes: unpack pairs, then 64-bit pairs, then 128-bit blocks twice.
+VOKEN_TARGET_AVX512 inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // Now r[4g + c] holds, in its 128-bit block k, column 4k + c of rows 4g..4g+3; two rounds of
+  // block shuffles gather column 4k + c's four blocks (g = 0..3) into one vector.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+}
+
+}  // namespace
+
+VOKEN_TARGET_AVX512 void pack_keys_bf16_pairs(const AttentionJob& job, int64_t bh, int64_t tile,
+                                              int64_t dim_words, int64_t keys_padded, uint32_t* packed) {
+  const int64_t b = bh / job.heads, h = bh % job.heads, dims = job.head_dim;
+  for (int64_t t0 = 0; t0 < keys_padded; t0 += tile) {
+    const int64_t width = std::min(tile, keys_padded - t0);
+    uint32_t* dst = packed + t0 * dim_words;
+    // 16 keys x 16 words (32 dimensions) at a time: rows loaded whole, transposed in registers.
+    for (int64_t n0 = 0; n0 < width; n0 += 16) {
+      for (int64_t w0 = 0; w0 < dim_words; w0 += 16) {
+        __m512i rows[16];
+        const __mmask32 dims_here = simd::tail_mask32(dims - 2 * w0);
+        for (int i = 0; i < 16; ++i) {
+          const int64_t n = t0 + n0 + i;
+          rows[i] = n < job.keys ? _mm512_maskz_loadu_epi16(dims_here, job.k_row_ptr(b, h, n) + 2 * w0)
+                                 : _mm512_setzero_si512();
+        }
+        transpose16x16(rows);
+        const int64_t words = std::min<int64_t>(16, dim_words - w0);
+        for (int64_t j = 0; j < words; ++j) _mm512_store_si512(dst + (w0 + j) * width + n0, rows[j]);
+      }
+    }
+  }
+}
+
+VOKEN_TARGET_AVX512 void pack_values_bf16_pairs(const AttentionJob& job, int64_t bh, int64_t keys_padded,
+                                                int64_t dims_padded, uint32_t* packed) {
+  alignas(64) static constexpr uint16_t kInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                                           21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                                           11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  const int64_t b = bh / job.heads, h = bh % job.heads, dims = job.head_dim;
+  for (int64_t n = 0; n < keys_padded; n += 2) {
+    uint32_t* dst = packed + (n / 2) * dims_padded;
+    const bf16_bits* even = n < job.keys ? job.v_row_ptr(b, h, n) : nullptr;
+    const bf16_bits* odd = n + 1 < job.keys ? job.v_row_ptr(b, h, n + 1) : nullptr;
+    for (int64_t d = 0; d < dims_padded; d += 16) {
+      const __mmask16 m = simd::tail_mask(dims - d);
+      const __m256i e = even ? _mm256_maskz_loadu_epi16(m, even + d) : _mm256_setzero_si256();
+      const __m256i o = odd ? _mm256_maskz_loadu_epi16(m, odd + d) : _mm256_setzero_si256();
+      _mm512_store_si512(
+          dst + d, _mm512_permutexvar_epi16(interleave, _mm512_inserti64x4(_mm512_castsi256_si512(e), o, 1)));
+    }
+  }
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
 // avx512_bf16: Q, K, P and V as bf16 pairs in 32-bit words; vdpbf16ps accumulates in float32.
 
 struct Bf16Problem : Geometry {
@@ -127,24 +208,24 @@ template <int NT>
 VOKEN_TARGET_AVX512_BF16 void score_tile_bf16(const uint32_t* q, int64_t q_stride, const uint32_t* k,
                                               int64_t dim_words, float* s, int64_t s_stride) {
   __m512 acc[kRowTile][NT];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < kRowTile; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t w = 0; w < dim_words; ++w) {
     __m512bh kv[NT];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) kv[t] = (__m512bh)_mm512_load_si512(k + w * NT * 16 + t * 16);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < kRowTile; ++r) {
       const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(q[r * q_stride + w]));
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], qb, kv[t]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < kRowTile; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) _mm512_store_ps(s + r * s_stride + t * 16, acc[r][t]);
 }
 
@@ -154,24 +235,24 @@ template <int NV>
 VOKEN_TARGET_AVX512_BF16 void output_tile_bf16(const uint32_t* p, int64_t p_stride, const uint32_t* v,
                                                int64_t v_stride, int64_t pairs, float* o, int64_t o_stride) {
   __m512 acc[kRowTile][NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < kRowTile; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_load_ps(o + r * o_stride + t * 16);
   for (int64_t w = 0; w < pairs; ++w) {
     __m512bh vv[NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < NV; ++t) vv[t] = (__m512bh)_mm512_load_si512(v + w * v_stride + t * 16);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < kRowTile; ++r) {
       const __m512bh pb = (__m512bh)_mm512_set1_epi32(static_cast<int>(p[r * p_stride + w]));
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], pb, vv[t]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < kRowTile; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < NV; ++t) _mm512_store_ps(o + r * o_stride + t * 16, acc[r][t]);
 }
 
@@ -318,24 +399,24 @@ template <int NT>
 VOKEN_TARGET_AVX512 void score_tile_f32(const float* q, int64_t q_stride, const float* k, int64_t dims,
                                         float* s, int64_t s_stride) {
   __m512 acc[kRowTile][NT];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < kRowTile; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t d = 0; d < dims; ++d) {
     __m512 kv[NT];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) kv[t] = _mm512_load_ps(k + d * NT * 16 + t * 16);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < kRowTile; ++r) {
       const __m512 qb = _mm512_set1_ps(q[r * q_stride + d]);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_fmadd_ps(qb, kv[t], acc[r][t]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < kRowTile; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) _mm512_store_ps(s + r * s_stride + t * 16, acc[r][t]);
 }
 
@@ -343,24 +424,24 @@ template <int NV>
 VOKEN_TARGET_AVX512 void output_tile_f32(const float* p, int64_t p_stride, const float* v, int64_t v_stride,
                                          int64_t keys, float* o, int64_t o_stride) {
   __m512 acc[kRowTile][NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < kRowTile; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_load_ps(o + r * o_stride + t * 16);
   for (int64_t j = 0; j < keys; ++j) {
     __m512 vv[NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < NV; ++t) vv[t] = _mm512_load_ps(v + j * v_stride + t * 16);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < kRowTile; ++r) {
       const __m512 pb = _mm512_set1_ps(p[r * p_stride + j]);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_fmadd_ps(pb, vv[t], acc[r][t]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < kRowTile; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < NV; ++t) _mm512_store_ps(o + r * o_stride + t * 16, acc[r][t]);
 }
 

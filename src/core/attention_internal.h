@@ -61,18 +61,21 @@ class AlignedBuffer {
   std::unique_ptr<T, Free> memory_;
 };
 
-// Keys of one (batch, head) in key tiles of `tile` keys (the last one `keys_padded` minus the
-// others wide): per tile [dim_words][width] 32-bit words, tile t at t * tile * dim_words. K word
-// (w, n) holds dimensions 2w and 2w + 1 of key n (the pair a vdpbf16ps or AMX B operand takes)
-// for `pairs`, else dimension w widened to float32; zero beyond head_dim and keys.
+// Keys of one (batch, head) in key tiles of `tile` keys (a multiple of 16; the last tile
+// `keys_padded` minus the others wide): per tile [dim_words][width] 32-bit words, tile t at
+// t * tile * dim_words words. Word (w, n) holds dimensions 2w and 2w + 1 of key n as bf16 (the pair
+// a vdpbf16ps or AMX B operand takes); zero beyond head_dim and keys. AVX-512 (attention_avx512.cpp).
 void pack_keys_bf16_pairs(const AttentionJob& job, int64_t bh, int64_t tile, int64_t dim_words,
                           int64_t keys_padded, uint32_t* packed);
-void pack_keys_float32(const AttentionJob& job, int64_t bh, int64_t tile, int64_t keys_padded, float* packed);
-// Values of one (batch, head): [keys_padded / 2][dims_padded] words, word (j, d) holding
-// dimension d of keys 2j and 2j + 1 (pairs for vdpbf16ps / AMX); zero padded.
+// Values of one (batch, head): [keys_padded / 2][dims_padded] words, word (j, d) holding dimension
+// d of keys 2j and 2j + 1 as bf16; zero padded. dims_padded a multiple of 16. AVX-512.
 void pack_values_bf16_pairs(const AttentionJob& job, int64_t bh, int64_t keys_padded, int64_t dims_padded,
                             uint32_t* packed);
-// Values widened: [keys_padded][dims_padded] float32, zero padded.
+// Keys widened to float32, in key tiles as above: per tile [head_dim][width] floats. AVX2
+// (attention_avx2.cpp).
+void pack_keys_float32(const AttentionJob& job, int64_t bh, int64_t tile, int64_t keys_padded, float* packed);
+// Values widened: [keys_padded][dims_padded] float32 (dims_padded a multiple of 8), zero padded.
+// AVX2.
 void pack_values_float32(const AttentionJob& job, int64_t bh, int64_t keys_padded, int64_t dims_padded,
                          float* packed);
 
