@@ -20,10 +20,13 @@
 namespace voken::core::attention_detail {
 namespace {
 
-constexpr int kRows = 24;            // queries per work unit
-constexpr int kRowTile = 6;          // query rows per register tile
-constexpr int64_t kKeyTile = 16;     // keys per score register tile (2 vectors)
-constexpr int64_t kChunk = 128;      // keys per softmax chunk (a multiple of kKeyTile)
+constexpr int kRows = 24;         // queries per work unit
+constexpr int kRowTile = 6;       // query rows per register tile
+constexpr int64_t kKeyTile = 16;  // keys per score register tile (2 vectors)
+constexpr int64_t kChunk = 128;   // keys per softmax chunk (a multiple of kKeyTile)
+// A tail of at most one key tile joins the chunk before it (257 keys: one chunk, not two).
+constexpr int64_t kChunkStride = kChunk + kKeyTile;  // scratch row length: the longest chunk
+int64_t chunk_length(int64_t remaining) { return remaining <= kChunkStride ? remaining : kChunk; }
 constexpr int64_t kKeyGranule = 16;  // keys are padded to a multiple of this
 constexpr float kLog2e = 1.44269504088896341f;
 
@@ -119,9 +122,12 @@ VOKEN_TARGET_AVX2 void output_tile(const float* p, int64_t p_stride, const float
 
 struct Scratch {
   AlignedBuffer<float> q, s, p,
-      o;  // [kRows][head_dim], [kRowTile][kChunk], [kRows][kChunk], [kRows][dims_padded]
+      o;  // [kRows][head_dim], [kRowTile][kChunkStride], [kRows][kChunkStride], [kRows][dims_padded]
   explicit Scratch(const Problem& pr)
-      : q(kRows * pr.job->head_dim), s(kRowTile * kChunk), p(kRows * kChunk), o(kRows * pr.dims_padded) {}
+      : q(kRows * pr.job->head_dim),
+        s(kRowTile * kChunkStride),
+        p(kRows * kChunkStride),
+        o(kRows * pr.dims_padded) {}
 };
 
 // Q rows widened to float32 (times the scale and rounded to bf16 for ScaledQueryBf16), zero rows
@@ -147,7 +153,7 @@ VOKEN_TARGET_AVX2 void softmax_rows(const Problem& pr, const float* s, int64_t v
   const __m256 coef = _mm256_set1_ps(pr.coef), neg_inf = _mm256_set1_ps(-INFINITY);
   for (int r = 0; r < kRowTile; ++r) {
     const int i = row0 + r;
-    const float* srow = s + r * kChunk;
+    const float* srow = s + r * kChunkStride;
     float* orow = o + i * pr.dims_padded;
     __m256 vmax = neg_inf;
     int64_t c = 0;
@@ -168,7 +174,7 @@ VOKEN_TARGET_AVX2 void softmax_rows(const Problem& pr, const float* s, int64_t v
         _mm256_store_ps(orow + d, _mm256_mul_ps(_mm256_load_ps(orow + d), f));
     }
     const __m256 shift = _mm256_set1_ps(max * pr.coef);
-    float* prow = p + i * kChunk;
+    float* prow = p + i * kChunkStride;
     __m256 acc = _mm256_setzero_ps();
     for (int64_t c = 0; c < len; c += 8) {
       __m256 e = exp2_softmax8(_mm256_fmsub_ps(_mm256_load_ps(srow + c), coef, shift));
@@ -209,24 +215,24 @@ VOKEN_TARGET_AVX2 void run_units_avx2(const void* context, WorkRanges& ranges, i
     std::fill(state.sum, state.sum + kRows, 0.0f);
     const float* k = pr.packed_k + bh * pr.k_size;
     const float* v = pr.packed_v + bh * pr.v_size;
-    for (int64_t k0 = 0; k0 < pr.keys_padded; k0 += kChunk) {
-      const int64_t len = std::min(kChunk, pr.keys_padded - k0);  // a multiple of 16
+    for (int64_t k0 = 0, len = 0; k0 < pr.keys_padded; k0 += len) {
+      len = chunk_length(pr.keys_padded - k0);  // a multiple of 16
       const int64_t valid = std::min(len, job.keys - k0);
       for (int t = 0; t < tiles; ++t) {
         const float* qt = w.q.get() + t * kRowTile * dims;
         for (int64_t j = 0; j < len; j += kKeyTile)
-          score_tile(qt, dims, k + (k0 + j) * dims, dims, w.s.get() + j, kChunk);
+          score_tile(qt, dims, k + (k0 + j) * dims, dims, w.s.get() + j, kChunkStride);
         softmax_rows(pr, w.s.get(), valid, len, t * kRowTile, state, w.o.get(), w.p.get());
       }
       for (int t = 0; t < tiles; ++t) {
-        const float* pt = w.p.get() + t * kRowTile * kChunk;
+        const float* pt = w.p.get() + t * kRowTile * kChunkStride;
         float* ot = w.o.get() + t * kRowTile * pr.dims_padded;
         const float* vc = v + k0 * pr.dims_padded;
         int64_t d = 0;
         for (; d + 16 <= pr.dims_padded; d += 16)
-          output_tile<2>(pt, kChunk, vc + d, pr.dims_padded, len, ot + d, pr.dims_padded);
+          output_tile<2>(pt, kChunkStride, vc + d, pr.dims_padded, len, ot + d, pr.dims_padded);
         if (d < pr.dims_padded)
-          output_tile<1>(pt, kChunk, vc + d, pr.dims_padded, len, ot + d, pr.dims_padded);
+          output_tile<1>(pt, kChunkStride, vc + d, pr.dims_padded, len, ot + d, pr.dims_padded);
       }
     }
     store_rows(pr, bh, q0, rows, w.o.get(), state);

@@ -32,10 +32,13 @@
 namespace voken::core::attention_detail {
 namespace {
 
-constexpr int kRows = 48;            // queries per work unit
-constexpr int kRowTile = 6;          // query rows per register tile
-constexpr int64_t kKeyTile = 64;     // keys per score register tile (4 vectors)
-constexpr int64_t kChunk = 256;      // keys per softmax chunk (a multiple of kKeyTile)
+constexpr int kRows = 48;         // queries per work unit
+constexpr int kRowTile = 6;       // query rows per register tile
+constexpr int64_t kKeyTile = 64;  // keys per score register tile (4 vectors)
+constexpr int64_t kChunk = 256;   // keys per softmax chunk (a multiple of kKeyTile)
+// A tail of at most one key tile joins the chunk before it (257 keys: one chunk, not two).
+constexpr int64_t kChunkStride = kChunk + kKeyTile;  // scratch row length: the longest chunk
+int64_t chunk_length(int64_t remaining) { return remaining <= kChunkStride ? remaining : kChunk; }
 constexpr int64_t kKeyGranule = 16;  // keys are padded to a multiple of this (one vector)
 constexpr float kLog2e = 1.44269504088896341f;
 
@@ -257,10 +260,13 @@ VOKEN_TARGET_AVX512_BF16 void output_tile_bf16(const uint32_t* p, int64_t p_stri
 }
 
 struct Bf16Scratch {
-  AlignedBuffer<uint32_t> q, p;  // [kRows][dim_words] query pairs; [kRows][kChunk / 2] P pairs
-  AlignedBuffer<float> s, o;     // [kRowTile][kChunk] scores; [kRows][dims_padded] output
+  AlignedBuffer<uint32_t> q, p;  // [kRows][dim_words] query pairs; [kRows][kChunkStride / 2] P pairs
+  AlignedBuffer<float> s, o;     // [kRowTile][kChunkStride] scores; [kRows][dims_padded] output
   explicit Bf16Scratch(const Bf16Problem& pr)
-      : q(kRows * pr.dim_words), p(kRows * kChunk / 2), s(kRowTile * kChunk), o(kRows * pr.dims_padded) {}
+      : q(kRows * pr.dim_words),
+        p(kRows * kChunkStride / 2),
+        s(kRowTile * kChunkStride),
+        o(kRows * pr.dims_padded) {}
 };
 
 // Q rows [q0, q0 + rows) of one head as bf16 pairs (times the scale, rounded, for
@@ -290,10 +296,10 @@ VOKEN_TARGET_AVX512_BF16 void softmax_rows_bf16(const Bf16Problem& pr, const flo
   const __m512 coef = _mm512_set1_ps(pr.coef);
   for (int r = 0; r < kRowTile; ++r) {
     const int i = row0 + r;
-    const float* srow = s + r * kChunk;
+    const float* srow = s + r * kChunkStride;
     const __m512 shift =
         _mm512_set1_ps(update_row_max(srow, valid, pr, state.max[i], state.sum[i], o + i * pr.dims_padded));
-    uint32_t* prow = p + i * (kChunk / 2);
+    uint32_t* prow = p + i * (kChunkStride / 2);
     __m512 acc = _mm512_setzero_ps();
     int64_t c = 0;
     for (; c + 32 <= len; c += 32) {
@@ -317,16 +323,16 @@ VOKEN_TARGET_AVX512_BF16 void scores_bf16(const Bf16Problem& pr, const uint32_t*
     const uint32_t* tile = k + j * pr.dim_words;
     switch (std::min<int64_t>(kKeyTile, len - j) / 16) {
       case 4:
-        score_tile_bf16<4>(q, pr.dim_words, tile, pr.dim_words, s + j, kChunk);
+        score_tile_bf16<4>(q, pr.dim_words, tile, pr.dim_words, s + j, kChunkStride);
         break;
       case 3:
-        score_tile_bf16<3>(q, pr.dim_words, tile, pr.dim_words, s + j, kChunk);
+        score_tile_bf16<3>(q, pr.dim_words, tile, pr.dim_words, s + j, kChunkStride);
         break;
       case 2:
-        score_tile_bf16<2>(q, pr.dim_words, tile, pr.dim_words, s + j, kChunk);
+        score_tile_bf16<2>(q, pr.dim_words, tile, pr.dim_words, s + j, kChunkStride);
         break;
       default:
-        score_tile_bf16<1>(q, pr.dim_words, tile, pr.dim_words, s + j, kChunk);
+        score_tile_bf16<1>(q, pr.dim_words, tile, pr.dim_words, s + j, kChunkStride);
         break;
     }
   }
@@ -337,16 +343,16 @@ VOKEN_TARGET_AVX512_BF16 void outputs_bf16(const Bf16Problem& pr, const uint32_t
   for (int64_t d = 0; d < pr.dims_padded; d += 64) {
     switch (std::min<int64_t>(64, pr.dims_padded - d) / 16) {
       case 4:
-        output_tile_bf16<4>(p, kChunk / 2, v + d, pr.dims_padded, pairs, o + d, pr.dims_padded);
+        output_tile_bf16<4>(p, kChunkStride / 2, v + d, pr.dims_padded, pairs, o + d, pr.dims_padded);
         break;
       case 3:
-        output_tile_bf16<3>(p, kChunk / 2, v + d, pr.dims_padded, pairs, o + d, pr.dims_padded);
+        output_tile_bf16<3>(p, kChunkStride / 2, v + d, pr.dims_padded, pairs, o + d, pr.dims_padded);
         break;
       case 2:
-        output_tile_bf16<2>(p, kChunk / 2, v + d, pr.dims_padded, pairs, o + d, pr.dims_padded);
+        output_tile_bf16<2>(p, kChunkStride / 2, v + d, pr.dims_padded, pairs, o + d, pr.dims_padded);
         break;
       default:
-        output_tile_bf16<1>(p, kChunk / 2, v + d, pr.dims_padded, pairs, o + d, pr.dims_padded);
+        output_tile_bf16<1>(p, kChunkStride / 2, v + d, pr.dims_padded, pairs, o + d, pr.dims_padded);
         break;
     }
   }
@@ -367,15 +373,15 @@ VOKEN_TARGET_AVX512_BF16 void run_bf16_units(const void* context, WorkRanges& ra
     std::fill(state.sum, state.sum + kRows, 0.0f);
     const uint32_t* k = pr.packed_k + bh * pr.k_size;
     const uint32_t* v = pr.packed_v + bh * pr.v_size;
-    for (int64_t k0 = 0; k0 < pr.keys_padded; k0 += kChunk) {
-      const int64_t len = std::min(kChunk, pr.keys_padded - k0);  // a multiple of 16
+    for (int64_t k0 = 0, len = 0; k0 < pr.keys_padded; k0 += len) {
+      len = chunk_length(pr.keys_padded - k0);  // a multiple of 16
       const int64_t valid = std::min(len, job.keys - k0);
       for (int t = 0; t < tiles; ++t) {
         scores_bf16(pr, w.q.get() + t * kRowTile * pr.dim_words, k + k0 * pr.dim_words, len, w.s.get());
         softmax_rows_bf16(pr, w.s.get(), valid, len, t * kRowTile, state, w.o.get(), w.p.get());
       }
       for (int t = 0; t < tiles; ++t)
-        outputs_bf16(pr, w.p.get() + t * kRowTile * (kChunk / 2), v + k0 / 2 * pr.dims_padded, len / 2,
+        outputs_bf16(pr, w.p.get() + t * kRowTile * (kChunkStride / 2), v + k0 / 2 * pr.dims_padded, len / 2,
                      w.o.get() + t * kRowTile * pr.dims_padded);
     }
     store_rows(job, pr, bh, q0, rows, w.o.get(), state);
@@ -447,9 +453,12 @@ VOKEN_TARGET_AVX512 void output_tile_f32(const float* p, int64_t p_stride, const
 
 struct Float32Scratch {
   AlignedBuffer<float> q, s, p,
-      o;  // [kRows][head_dim], [kRowTile][kChunk], [kRows][kChunk], [kRows][dims_padded]
+      o;  // [kRows][head_dim], [kRowTile][kChunkStride], [kRows][kChunkStride], [kRows][dims_padded]
   explicit Float32Scratch(const Float32Problem& pr)
-      : q(kRows * pr.job->head_dim), s(kRowTile * kChunk), p(kRows * kChunk), o(kRows * pr.dims_padded) {}
+      : q(kRows * pr.job->head_dim),
+        s(kRowTile * kChunkStride),
+        p(kRows * kChunkStride),
+        o(kRows * pr.dims_padded) {}
 };
 
 // Q rows widened to float32 (times the scale and rounded to bf16 for ScaledQueryBf16), zero rows
@@ -479,10 +488,10 @@ VOKEN_TARGET_AVX512 void softmax_rows_f32(const Float32Problem& pr, float* s, in
   const __m512 coef = _mm512_set1_ps(pr.coef);
   for (int r = 0; r < kRowTile; ++r) {
     const int i = row0 + r;
-    const float* srow = s + r * kChunk;
+    const float* srow = s + r * kChunkStride;
     const __m512 shift =
         _mm512_set1_ps(update_row_max(srow, valid, pr, state.max[i], state.sum[i], o + i * pr.dims_padded));
-    float* prow = p + i * kChunk;
+    float* prow = p + i * kChunkStride;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t c = 0; c < len; c += 16) {
       const __m512 p0 = probabilities16(srow + c, coef, shift, valid - c);
@@ -500,16 +509,16 @@ VOKEN_TARGET_AVX512 void scores_f32(const Float32Problem& pr, const float* q, co
     const float* tile = k + j * dims;
     switch (std::min<int64_t>(kKeyTile, len - j) / 16) {
       case 4:
-        score_tile_f32<4>(q, dims, tile, dims, s + j, kChunk);
+        score_tile_f32<4>(q, dims, tile, dims, s + j, kChunkStride);
         break;
       case 3:
-        score_tile_f32<3>(q, dims, tile, dims, s + j, kChunk);
+        score_tile_f32<3>(q, dims, tile, dims, s + j, kChunkStride);
         break;
       case 2:
-        score_tile_f32<2>(q, dims, tile, dims, s + j, kChunk);
+        score_tile_f32<2>(q, dims, tile, dims, s + j, kChunkStride);
         break;
       default:
-        score_tile_f32<1>(q, dims, tile, dims, s + j, kChunk);
+        score_tile_f32<1>(q, dims, tile, dims, s + j, kChunkStride);
         break;
     }
   }
@@ -520,16 +529,16 @@ VOKEN_TARGET_AVX512 void outputs_f32(const Float32Problem& pr, const float* p, c
   for (int64_t d = 0; d < pr.dims_padded; d += 64) {
     switch (std::min<int64_t>(64, pr.dims_padded - d) / 16) {
       case 4:
-        output_tile_f32<4>(p, kChunk, v + d, pr.dims_padded, keys, o + d, pr.dims_padded);
+        output_tile_f32<4>(p, kChunkStride, v + d, pr.dims_padded, keys, o + d, pr.dims_padded);
         break;
       case 3:
-        output_tile_f32<3>(p, kChunk, v + d, pr.dims_padded, keys, o + d, pr.dims_padded);
+        output_tile_f32<3>(p, kChunkStride, v + d, pr.dims_padded, keys, o + d, pr.dims_padded);
         break;
       case 2:
-        output_tile_f32<2>(p, kChunk, v + d, pr.dims_padded, keys, o + d, pr.dims_padded);
+        output_tile_f32<2>(p, kChunkStride, v + d, pr.dims_padded, keys, o + d, pr.dims_padded);
         break;
       default:
-        output_tile_f32<1>(p, kChunk, v + d, pr.dims_padded, keys, o + d, pr.dims_padded);
+        output_tile_f32<1>(p, kChunkStride, v + d, pr.dims_padded, keys, o + d, pr.dims_padded);
         break;
     }
   }
@@ -550,15 +559,15 @@ VOKEN_TARGET_AVX512 void run_f32_units(const void* context, WorkRanges& ranges, 
     std::fill(state.sum, state.sum + kRows, 0.0f);
     const float* k = pr.packed_k + bh * pr.k_size;
     const float* v = pr.packed_v + bh * pr.v_size;
-    for (int64_t k0 = 0; k0 < pr.keys_padded; k0 += kChunk) {
-      const int64_t len = std::min(kChunk, pr.keys_padded - k0);
+    for (int64_t k0 = 0, len = 0; k0 < pr.keys_padded; k0 += len) {
+      len = chunk_length(pr.keys_padded - k0);
       const int64_t valid = std::min(len, job.keys - k0);
       for (int t = 0; t < tiles; ++t) {
         scores_f32(pr, w.q.get() + t * kRowTile * job.head_dim, k + k0 * job.head_dim, len, w.s.get());
         softmax_rows_f32(pr, w.s.get(), valid, len, t * kRowTile, state, w.o.get(), w.p.get());
       }
       for (int t = 0; t < tiles; ++t)
-        outputs_f32(pr, w.p.get() + t * kRowTile * kChunk, v + k0 * pr.dims_padded, len,
+        outputs_f32(pr, w.p.get() + t * kRowTile * kChunkStride, v + k0 * pr.dims_padded, len,
                     w.o.get() + t * kRowTile * pr.dims_padded);
     }
     store_rows(job, pr, bh, q0, rows, w.o.get(), state);
