@@ -27,6 +27,15 @@ void* aligned_bytes(int64_t bytes) {
   return p;
 }
 
+void pack_in_parallel(int64_t groups, int64_t keys_padded,
+                      const std::function<void(int64_t bh, int64_t key_begin, int64_t key_end)>& pack) {
+  const int64_t blocks = (keys_padded + kPackKeys - 1) / kPackKeys;
+  parallel_items(groups * blocks, [&](int64_t item) {
+    const int64_t begin = item % blocks * kPackKeys;
+    pack(item / blocks, begin, std::min(begin + kPackKeys, keys_padded));
+  });
+}
+
 void run_units(int64_t units, void (*body)(const void* context, WorkRanges& ranges, int64_t worker),
                const void* context) {
   const int64_t workers = std::min<int64_t>(parallel_threads(), units);

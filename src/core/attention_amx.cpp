@@ -222,9 +222,11 @@ void attention_amx(const AttentionJob& job) {
   Problem pr(job);
   const int64_t groups = job.batch * job.heads;
   AlignedBuffer<uint32_t> packed_k(groups * pr.k_size), packed_v(groups * pr.v_size);
-  parallel_items(groups, [&](int64_t bh) {
-    pack_keys_bf16_pairs(job, bh, pr.keys_padded, pr.dq / 2, pr.keys_padded, packed_k.get() + bh * pr.k_size);
-    pack_values_bf16_pairs(job, bh, pr.keys_padded, pr.dv, packed_v.get() + bh * pr.v_size);
+  // K as one key tile of all keys: the rows of the B tiles are keys_padded words apart.
+  pack_in_parallel(groups, pr.keys_padded, [&](int64_t bh, int64_t begin, int64_t end) {
+    pack_keys_bf16_pairs(job, bh, pr.keys_padded, pr.dq / 2, pr.keys_padded, begin, end,
+                         packed_k.get() + bh * pr.k_size);
+    pack_values_bf16_pairs(job, bh, begin, end, pr.dv, packed_v.get() + bh * pr.v_size);
   });
   pr.packed_k = packed_k.get();
   pr.packed_v = packed_v.get();

@@ -263,31 +263,30 @@ VOKEN_TARGET_AVX2 inline void transpose8x8(__m256 r[8]) {
 }  // namespace
 
 VOKEN_TARGET_AVX2 void pack_keys_float32(const AttentionJob& job, int64_t bh, int64_t tile,
-                                         int64_t keys_padded, float* packed) {
+                                         int64_t keys_padded, int64_t key_begin, int64_t key_end,
+                                         float* packed) {
   const int64_t b = bh / job.heads, h = bh % job.heads, dims = job.head_dim;
-  for (int64_t t0 = 0; t0 < keys_padded; t0 += tile) {
-    const int64_t width = std::min(tile, keys_padded - t0);
-    float* dst = packed + t0 * dims;
-    // 8 keys x 8 dimensions at a time, widened and transposed in registers.
-    for (int64_t n0 = 0; n0 < width; n0 += 8) {
-      for (int64_t d0 = 0; d0 < dims; d0 += 8) {
-        __m256 rows[8];
-        for (int i = 0; i < 8; ++i) {
-          const int64_t n = t0 + n0 + i;
-          rows[i] = n < job.keys ? simd8::load8(job.k_row_ptr(b, h, n) + d0, dims - d0) : _mm256_setzero_ps();
-        }
-        transpose8x8(rows);
-        const int64_t count = std::min<int64_t>(8, dims - d0);
-        for (int64_t j = 0; j < count; ++j) _mm256_store_ps(dst + (d0 + j) * width + n0, rows[j]);
+  // 8 keys x 8 dimensions at a time, widened and transposed in registers.
+  for (int64_t key0 = key_begin; key0 < key_end; key0 += 8) {
+    const int64_t t0 = key0 / tile * tile, width = std::min(tile, keys_padded - t0);
+    float* dst = packed + t0 * dims + (key0 - t0);
+    for (int64_t d0 = 0; d0 < dims; d0 += 8) {
+      __m256 rows[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t n = key0 + i;
+        rows[i] = n < job.keys ? simd8::load8(job.k_row_ptr(b, h, n) + d0, dims - d0) : _mm256_setzero_ps();
       }
+      transpose8x8(rows);
+      const int64_t count = std::min<int64_t>(8, dims - d0);
+      for (int64_t j = 0; j < count; ++j) _mm256_store_ps(dst + (d0 + j) * width, rows[j]);
     }
   }
 }
 
-VOKEN_TARGET_AVX2 void pack_values_float32(const AttentionJob& job, int64_t bh, int64_t keys_padded,
-                                           int64_t dims_padded, float* packed) {
+VOKEN_TARGET_AVX2 void pack_values_float32(const AttentionJob& job, int64_t bh, int64_t key_begin,
+                                           int64_t key_end, int64_t dims_padded, float* packed) {
   const int64_t b = bh / job.heads, h = bh % job.heads, dims = job.head_dim;
-  for (int64_t n = 0; n < keys_padded; ++n) {
+  for (int64_t n = key_begin; n < key_end; ++n) {
     float* dst = packed + n * dims_padded;
     const bf16_bits* row = n < job.keys ? job.v_row_ptr(b, h, n) : nullptr;
     for (int64_t d = 0; d < dims_padded; d += 8)
@@ -301,9 +300,9 @@ void attention_avx2(const AttentionJob& job) {
   AlignedBuffer<float> packed_k(groups * pr.k_size), packed_v(groups * pr.v_size);
   pr.packed_k = packed_k.get();
   pr.packed_v = packed_v.get();
-  parallel_items(groups, [&](int64_t bh) {
-    pack_keys_float32(job, bh, kKeyTile, pr.keys_padded, pr.packed_k + bh * pr.k_size);
-    pack_values_float32(job, bh, pr.keys_padded, pr.dims_padded, pr.packed_v + bh * pr.v_size);
+  pack_in_parallel(groups, pr.keys_padded, [&](int64_t bh, int64_t begin, int64_t end) {
+    pack_keys_float32(job, bh, kKeyTile, pr.keys_padded, begin, end, pr.packed_k + bh * pr.k_size);
+    pack_values_float32(job, bh, begin, end, pr.dims_padded, pr.packed_v + bh * pr.v_size);
   });
   run_units(groups * pr.query_blocks, run_units_avx2, &pr);
 }

@@ -144,37 +144,36 @@ VOKEN_TARGET_AVX512 inline void transpose16x16(__m512i r[16]) {
 }  // namespace
 
 VOKEN_TARGET_AVX512 void pack_keys_bf16_pairs(const AttentionJob& job, int64_t bh, int64_t tile,
-                                              int64_t dim_words, int64_t keys_padded, uint32_t* packed) {
+                                              int64_t dim_words, int64_t keys_padded, int64_t key_begin,
+                                              int64_t key_end, uint32_t* packed) {
   const int64_t b = bh / job.heads, h = bh % job.heads, dims = job.head_dim;
-  for (int64_t t0 = 0; t0 < keys_padded; t0 += tile) {
-    const int64_t width = std::min(tile, keys_padded - t0);
-    uint32_t* dst = packed + t0 * dim_words;
-    // 16 keys x 16 words (32 dimensions) at a time: rows loaded whole, transposed in registers.
-    for (int64_t n0 = 0; n0 < width; n0 += 16) {
-      for (int64_t w0 = 0; w0 < dim_words; w0 += 16) {
-        __m512i rows[16];
-        const __mmask32 dims_here = simd::tail_mask32(dims - 2 * w0);
-        for (int i = 0; i < 16; ++i) {
-          const int64_t n = t0 + n0 + i;
-          rows[i] = n < job.keys ? _mm512_maskz_loadu_epi16(dims_here, job.k_row_ptr(b, h, n) + 2 * w0)
-                                 : _mm512_setzero_si512();
-        }
-        transpose16x16(rows);
-        const int64_t words = std::min<int64_t>(16, dim_words - w0);
-        for (int64_t j = 0; j < words; ++j) _mm512_store_si512(dst + (w0 + j) * width + n0, rows[j]);
+  // 16 keys x 16 words (32 dimensions) at a time: rows loaded whole, transposed in registers.
+  for (int64_t key0 = key_begin; key0 < key_end; key0 += 16) {
+    const int64_t t0 = key0 / tile * tile, width = std::min(tile, keys_padded - t0);
+    uint32_t* dst = packed + t0 * dim_words + (key0 - t0);
+    for (int64_t w0 = 0; w0 < dim_words; w0 += 16) {
+      __m512i rows[16];
+      const __mmask32 dims_here = simd::tail_mask32(dims - 2 * w0);
+      for (int i = 0; i < 16; ++i) {
+        const int64_t n = key0 + i;
+        rows[i] = n < job.keys ? _mm512_maskz_loadu_epi16(dims_here, job.k_row_ptr(b, h, n) + 2 * w0)
+                               : _mm512_setzero_si512();
       }
+      transpose16x16(rows);
+      const int64_t words = std::min<int64_t>(16, dim_words - w0);
+      for (int64_t j = 0; j < words; ++j) _mm512_store_si512(dst + (w0 + j) * width, rows[j]);
     }
   }
 }
 
-VOKEN_TARGET_AVX512 void pack_values_bf16_pairs(const AttentionJob& job, int64_t bh, int64_t keys_padded,
-                                                int64_t dims_padded, uint32_t* packed) {
+VOKEN_TARGET_AVX512 void pack_values_bf16_pairs(const AttentionJob& job, int64_t bh, int64_t key_begin,
+                                                int64_t key_end, int64_t dims_padded, uint32_t* packed) {
   alignas(64) static constexpr uint16_t kInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
                                                            21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
                                                            11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i interleave = _mm512_load_si512(kInterleave);
   const int64_t b = bh / job.heads, h = bh % job.heads, dims = job.head_dim;
-  for (int64_t n = 0; n < keys_padded; n += 2) {
+  for (int64_t n = key_begin; n < key_end; n += 2) {
     uint32_t* dst = packed + (n / 2) * dims_padded;
     const bf16_bits* even = n < job.keys ? job.v_row_ptr(b, h, n) : nullptr;
     const bf16_bits* odd = n + 1 < job.keys ? job.v_row_ptr(b, h, n + 1) : nullptr;
@@ -582,9 +581,10 @@ void attention_avx512_bf16(const AttentionJob& job) {
   AlignedBuffer<uint32_t> packed_k(groups * pr.k_size), packed_v(groups * pr.v_size);
   pr.packed_k = packed_k.get();
   pr.packed_v = packed_v.get();
-  parallel_items(groups, [&](int64_t bh) {
-    pack_keys_bf16_pairs(job, bh, kKeyTile, pr.dim_words, pr.keys_padded, pr.packed_k + bh * pr.k_size);
-    pack_values_bf16_pairs(job, bh, pr.keys_padded, pr.dims_padded, pr.packed_v + bh * pr.v_size);
+  pack_in_parallel(groups, pr.keys_padded, [&](int64_t bh, int64_t begin, int64_t end) {
+    pack_keys_bf16_pairs(job, bh, kKeyTile, pr.dim_words, pr.keys_padded, begin, end,
+                         pr.packed_k + bh * pr.k_size);
+    pack_values_bf16_pairs(job, bh, begin, end, pr.dims_padded, pr.packed_v + bh * pr.v_size);
   });
   run_units(groups * pr.query_blocks, run_bf16_units, &pr);
 }
@@ -595,9 +595,9 @@ void attention_avx512(const AttentionJob& job) {
   AlignedBuffer<float> packed_k(groups * pr.k_size), packed_v(groups * pr.v_size);
   pr.packed_k = packed_k.get();
   pr.packed_v = packed_v.get();
-  parallel_items(groups, [&](int64_t bh) {
-    pack_keys_float32(job, bh, kKeyTile, pr.keys_padded, pr.packed_k + bh * pr.k_size);
-    pack_values_float32(job, bh, pr.keys_padded, pr.dims_padded, pr.packed_v + bh * pr.v_size);
+  pack_in_parallel(groups, pr.keys_padded, [&](int64_t bh, int64_t begin, int64_t end) {
+    pack_keys_float32(job, bh, kKeyTile, pr.keys_padded, begin, end, pr.packed_k + bh * pr.k_size);
+    pack_values_float32(job, bh, begin, end, pr.dims_padded, pr.packed_v + bh * pr.v_size);
   });
   run_units(groups * pr.query_blocks, run_f32_units, &pr);
 }

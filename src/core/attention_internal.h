@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
 #include <memory>
 
 #include "core/attention.h"
@@ -61,23 +62,32 @@ class AlignedBuffer {
   std::unique_ptr<T, Free> memory_;
 };
 
-// Keys of one (batch, head) in key tiles of `tile` keys (a multiple of 16; the last tile
-// `keys_padded` minus the others wide): per tile [dim_words][width] 32-bit words, tile t at
-// t * tile * dim_words words. Word (w, n) holds dimensions 2w and 2w + 1 of key n as bf16 (the pair
-// a vdpbf16ps or AMX B operand takes); zero beyond head_dim and keys. AVX-512 (attention_avx512.cpp).
+// The packings of K and V below write keys [key_begin, key_end) of one (batch, head): multiples of
+// kPackKeys, key_end at most keys_padded (a multiple of 16).
+constexpr int64_t kPackKeys = 512;
+// Runs pack(bh, key_begin, key_end) for every (batch, head) of `groups` and every kPackKeys keys,
+// in parallel (the VAE's single head is packed by every thread).
+void pack_in_parallel(int64_t groups, int64_t keys_padded,
+                      const std::function<void(int64_t bh, int64_t key_begin, int64_t key_end)>& pack);
+
+// Keys in key tiles of `tile` keys (a multiple of 16; the last tile `keys_padded` minus the
+// others wide): per tile [dim_words][width] 32-bit words, tile t at t * tile * dim_words words.
+// Word (w, n) holds dimensions 2w and 2w + 1 of key n as bf16 (the pair a vdpbf16ps or AMX B
+// operand takes); zero beyond head_dim and keys. AVX-512 (attention_avx512.cpp).
 void pack_keys_bf16_pairs(const AttentionJob& job, int64_t bh, int64_t tile, int64_t dim_words,
-                          int64_t keys_padded, uint32_t* packed);
-// Values of one (batch, head): [keys_padded / 2][dims_padded] words, word (j, d) holding dimension
-// d of keys 2j and 2j + 1 as bf16; zero padded. dims_padded a multiple of 16. AVX-512.
-void pack_values_bf16_pairs(const AttentionJob& job, int64_t bh, int64_t keys_padded, int64_t dims_padded,
-                            uint32_t* packed);
+                          int64_t keys_padded, int64_t key_begin, int64_t key_end, uint32_t* packed);
+// Values: [keys_padded / 2][dims_padded] words, word (j, d) holding dimension d of keys 2j and
+// 2j + 1 as bf16; zero padded. dims_padded a multiple of 16. AVX-512.
+void pack_values_bf16_pairs(const AttentionJob& job, int64_t bh, int64_t key_begin, int64_t key_end,
+                            int64_t dims_padded, uint32_t* packed);
 // Keys widened to float32, in key tiles as above: per tile [head_dim][width] floats. AVX2
 // (attention_avx2.cpp).
-void pack_keys_float32(const AttentionJob& job, int64_t bh, int64_t tile, int64_t keys_padded, float* packed);
+void pack_keys_float32(const AttentionJob& job, int64_t bh, int64_t tile, int64_t keys_padded,
+                       int64_t key_begin, int64_t key_end, float* packed);
 // Values widened: [keys_padded][dims_padded] float32 (dims_padded a multiple of 8), zero padded.
 // AVX2.
-void pack_values_float32(const AttentionJob& job, int64_t bh, int64_t keys_padded, int64_t dims_padded,
-                         float* packed);
+void pack_values_float32(const AttentionJob& job, int64_t bh, int64_t key_begin, int64_t key_end,
+                         int64_t dims_padded, float* packed);
 
 // Runs body(worker, ranges) on up to parallel_threads() workers sharing `units` work items (a
 // worker's scratch is then set up once, not per item).
