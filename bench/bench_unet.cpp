@@ -22,7 +22,8 @@
 //   peak RSS 5.3 GB for the whole run (UNet bf16 alone 3.5 GB).
 //
 // Usage: bench_unet [--threads N] [--reps N] [--skip-fp32] [--latent N] [--only unet|vae] [--attention-budget
-// SCORES]
+// SCORES] [--attention]   (--attention: only the attention table, core::attention at this process's
+// tier against the chunked path; VOKEN_CPU=avx2|avx512|avx512_bf16 chooses a lower tier)
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
@@ -282,14 +283,18 @@ void attention_kernels(int reps) {
     const auto chunked = [&] {
       multi_head_attention(q, k, v, s.heads, scale, false, ComputeOptions().attention_max_scores, false);
     };
-    const double t_kernel = time_it(fused, reps).first;
-    const double t_chunked = time_it(chunked, std::max(1, reps / 2)).first;
+    // Wall time, and CPU time per thread (what a step takes when the threads get their cores; on a
+    // shared machine the better measure of the kernel itself).
+    const auto [wall_kernel, cpu_kernel] = time_wall_cpu(fused, reps);
+    const auto [wall_chunked, cpu_chunked] = time_wall_cpu(chunked, std::max(1, reps / 2));
     std::printf(
-        "  %-18s B%ld %5ld x %5ld keys, %2ld x %3ld: fused %8.2f ms %6.0f GFLOP/s | chunked %8.2f ms %6.0f "
-        "GFLOP/s\n",
-        s.what, s.batch, s.queries, s.keys, s.heads, s.head_dim, t_kernel * 1e3, flops / t_kernel / 1e9,
-        t_chunked * 1e3, flops / t_chunked / 1e9);
+        "  %-17s B%ld %4ld x %4ld keys, %2ld x %3ld: fused %7.1f ms %4.0f GFLOP/s (cpu %4.0f) | chunked "
+        "%7.1f ms "
+        "%4.0f GFLOP/s (cpu %4.0f)\n",
+        s.what, s.batch, s.queries, s.keys, s.heads, s.head_dim, wall_kernel * 1e3, flops / wall_kernel / 1e9,
+        flops / cpu_kernel / 1e9, wall_chunked * 1e3, flops / wall_chunked / 1e9, flops / cpu_chunked / 1e9);
   }
+  std::printf("  (load average %.1f)\n", voken::bench::load_average());
 }
 
 // ---- packed AMX products against oneDNN (--kernels) ----------------------------------------------
