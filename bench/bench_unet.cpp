@@ -259,7 +259,7 @@ void conv_layouts() {
 // The chunked path's bf16 bmm runs in oneDNN at the CPU's own ISA whatever VOKEN_CPU says: cap it
 // with ONEDNN_MAX_CPU_ISA (AVX512_CORE, AVX512_CORE_BF16) to see it as such a CPU runs it.
 //
-// Measured (this Sapphire Rapids VM, 2026-11-22, 1 thread, CPU time, machine load 3-6), 64x64
+// Measured (this Sapphire Rapids VM, 2026-12-05, 1 thread, CPU time, machine load 3-6), 64x64
 // self-attention: amx 240-400 GFLOP/s; avx512_bf16 61-79 (vdpbf16ps runs at half the FMA rate
 // here, 83 GFLOP/s per core: not Zen's ratio); avx512 84-127 (FMA peak 165); avx2 50-64 (peak 82).
 // The chunked path with oneDNN capped at the same ISA: 10-20 GFLOP/s.
