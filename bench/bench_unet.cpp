@@ -22,7 +22,8 @@
 //   peak RSS 5.3 GB for the whole run (UNet bf16 alone 3.5 GB).
 //
 // Usage: bench_unet [--threads N] [--reps N] [--skip-fp32] [--latent N] [--only unet|vae] [--attention-budget
-// SCORES]
+// SCORES] [--attention]   (--attention: only the attention table, core::attention at this process's
+// tier against the chunked path; VOKEN_CPU=avx2|avx512|avx512_bf16 chooses a lower tier)
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
@@ -63,7 +64,6 @@
 
 using namespace voken;
 using namespace voken::diffusion;
-using voken::core::fused_attention_bf16;
 using voken::core::geglu;
 using voken::core::group_norm;
 using voken::core::pack_geglu_weight;
@@ -252,6 +252,58 @@ void conv_layouts() {
   }
 }
 
+// ---- attention (--attention) ---------------------------------------------------------------------
+//
+// core::attention at this process's tier (VOKEN_CPU chooses a lower one) against the chunked
+// bmm + softmax + bmm path, at the UNet's and the VAE's shapes (batch 2 = classifier-free guidance).
+// The chunked path's bf16 bmm runs in oneDNN at the CPU's own ISA whatever VOKEN_CPU says: cap it
+// with ONEDNN_MAX_CPU_ISA (AVX512_CORE, AVX512_CORE_BF16) to see it as such a CPU runs it.
+//
+// Measured (this Sapphire Rapids VM, 2026-12-05, 1 thread, CPU time, machine load 3-6), 64x64
+// self-attention: amx 240-400 GFLOP/s; avx512_bf16 61-79 (vdpbf16ps runs at half the FMA rate
+// here, 83 GFLOP/s per core: not Zen's ratio); avx512 84-127 (FMA peak 165); avx2 50-64 (peak 82).
+// The chunked path with oneDNN capped at the same ISA: 10-20 GFLOP/s.
+void attention_kernels(int reps) {
+  c10::InferenceMode guard;
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(3);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  struct Shape {
+    const char* what;
+    int64_t batch, queries, keys, heads, head_dim;
+  };
+  std::printf("attention, tier %s (%s), min of %d, FLOPs = 4 B Tq Tk H D:\n",
+              voken::core::tier_name(voken::core::cpu_tier()), voken::core::cpu_summary().c_str(), reps);
+  for (const Shape& s :
+       {Shape{"UNet 64x64 self", 2, 4096, 4096, 5, 64}, Shape{"UNet 32x32 self", 2, 1024, 1024, 10, 64},
+        Shape{"UNet 16x16 self", 2, 256, 256, 20, 64}, Shape{"UNet 64x64 cross", 2, 4096, 77, 5, 64},
+        Shape{"UNet 32x32 cross", 2, 1024, 77, 10, 64}, Shape{"VAE mid-block", 1, 4096, 4096, 1, 512}}) {
+    const int64_t inner = s.heads * s.head_dim;
+    // q from a fused qkv product (strided rows), k and v from a context projection.
+    const at::Tensor qkv = at::randn({s.batch, s.queries, 3 * inner}, generator, f32).to(at::kBFloat16);
+    const at::Tensor kv = at::randn({s.batch, s.keys, 2 * inner}, generator, f32).to(at::kBFloat16);
+    const at::Tensor q = qkv.narrow(2, 0, inner), k = kv.narrow(2, 0, inner), v = kv.narrow(2, inner, inner);
+    const double scale = 1 / std::sqrt(static_cast<double>(s.head_dim));
+    const double flops = 4.0 * s.batch * s.queries * s.keys * inner;
+    const auto fused = [&] {
+      voken::core::attention(q, k, v, s.heads, scale, voken::core::AttentionNumerics::ScaledScoresFloat32);
+    };
+    const auto chunked = [&] {
+      multi_head_attention(q, k, v, s.heads, scale, false, ComputeOptions().attention_max_scores, false);
+    };
+    // Wall time, and CPU time per thread (what a step takes when the threads get their cores; on a
+    // shared machine the better measure of the kernel itself).
+    const auto [wall_kernel, cpu_kernel] = time_wall_cpu(fused, reps);
+    const auto [wall_chunked, cpu_chunked] = time_wall_cpu(chunked, std::max(1, reps / 2));
+    std::printf(
+        "  %-17s B%ld %4ld x %4ld keys, %2ld x %3ld: fused %7.1f ms %4.0f GFLOP/s (cpu %4.0f) | chunked "
+        "%7.1f ms "
+        "%4.0f GFLOP/s (cpu %4.0f)\n",
+        s.what, s.batch, s.queries, s.keys, s.heads, s.head_dim, wall_kernel * 1e3, flops / wall_kernel / 1e9,
+        flops / cpu_kernel / 1e9, wall_chunked * 1e3, flops / wall_chunked / 1e9, flops / cpu_chunked / 1e9);
+  }
+  std::printf("  (load average %.1f)\n", voken::bench::load_average());
+}
+
 // ---- packed AMX products against oneDNN (--kernels) ----------------------------------------------
 
 double conv_flops(int64_t b, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k);
@@ -298,17 +350,6 @@ void packed_kernels(int reps) {
   struct Lin {
     int64_t m, k, n;
   };
-  // The fused attention core at the 64x64 and 32x32 levels (self-attention of a batch of 2).
-  for (const auto& [tokens, heads] : std::vector<std::pair<int64_t, int64_t>>{{4096, 5}, {1024, 10}}) {
-    const at::Tensor qkv = at::randn({2, tokens, 3 * heads * 64}, generator, f32).to(at::kBFloat16);
-    const int64_t inner = heads * 64;
-    const at::Tensor q = qkv.narrow(2, 0, inner), k = qkv.narrow(2, inner, inner),
-                     v = qkv.narrow(2, 2 * inner, inner);
-    const double flops = 2 * 2.0 * 2 * tokens * tokens * inner;
-    const double t = time_wall_cpu([&] { fused_attention_bf16(q, k, v, heads, 0.125); }, reps).second;
-    std::printf("  attention %ld tokens x %ld heads:    fused  %7.2f ms %5.0f GFLOP/s\n", tokens, heads,
-                t * 1e3, flops / t / 1e9);
-  }
   // GEGLU feed-forward input projection: fused epilogue against product + geglu kernel.
   for (const Lin& l : {Lin{1632, 320, 2560}, Lin{8192, 320, 2560}, Lin{2048, 640, 5120}}) {
     const at::Tensor x = at::randn({l.m, l.k}, generator, f32).to(at::kBFloat16);
@@ -602,7 +643,7 @@ void breakdown(int reps, at::ScalarType dtype) {
   const at::Tensor qkv = (*block.attn1.qkv)(tokens);
   const at::Tensor q = qkv.narrow(-1, 0, 320), k = qkv.narrow(-1, 320, 320), v = qkv.narrow(-1, 640, 320);
   const double attention_flops = 2 * 2.0 * 2 * 4096.0 * 4096 * 320;
-  if (dtype == at::kBFloat16 && (voken::core::cpu_tier() == voken::core::CpuTier::amx))
+  if (dtype == at::kBFloat16 && voken::core::cpu_tier() >= voken::core::CpuTier::avx2)
     show("  self-attention core, fused (4096 tokens)", attention_flops,
          [&] { multi_head_attention(q, k, v, 5, 0.125, false, options.attention_max_scores, true); });
   show("  self-attention core, chunked", attention_flops,
@@ -696,6 +737,8 @@ int main(int argc, char** argv) {
                          // the packed-vs-oneDNN product table  // --ab: bf16 step with and without packed
                          // weights, alternating  //
                          // --profile N: one profiled step per model, ops nested up to N deep
+  // --attention: only the attention table.
+  bool attention_only = false;
   ComputeOptions compute;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -719,6 +762,8 @@ int main(int argc, char** argv) {
       extra_steps = std::atoi(argv[++i]);
     else if (arg == "--kernels")
       kernels_only = true;
+    else if (arg == "--attention")
+      attention_only = true;
     else if (arg == "--no-pack")
       compute.packed_weights = false;
     else if (arg == "--ab")
@@ -731,7 +776,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: %s [--threads N] [--reps N] [--skip-fp32] [--latent N] [--only unet|vae] "
                    "[--attention-budget SCORES] [--nchw] [--profile DEPTH] [--quick] [--no-pack] [--ab] "
-                   "[--kernels] [--dir DIR] [--steps N]\n",
+                   "[--kernels] [--attention] [--dir DIR] [--steps N]\n",
                    argv[0]);
       return 2;
     }
@@ -743,6 +788,10 @@ int main(int argc, char** argv) {
 
   if (kernels_only) {
     packed_kernels(reps);
+    return 0;
+  }
+  if (attention_only) {
+    attention_kernels(reps);
     return 0;
   }
   Peaks peaks{139, 1181};  // --quick: this machine's idle peaks (fp32, bf16)

@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "core/attention.h"
+#include "core/cpu.h"
 #include "core/inplace_gemm.h"
 #include "io/torch_file.h"
 #include "vision/image_encoder.h"
@@ -299,18 +300,27 @@ void compare_attention(at::ScalarType dtype, int64_t batch) {
       "  attention %-5s [%ld,16,257,88]: matmul+softmax %.2f ms, _scaled_dot_product_attention %.2f ms "
       "(max diff %.2g) per ViT block\n",
       dtype == at::kBFloat16 ? "bf16" : "fp32", long(batch), t_manual * 1e3, t_fused * 1e3, diff);
-  if (dtype == at::kBFloat16 && voken::core::amx_attention_supported(head_dim, tokens)) {
-    // The encoder's kernel, on [B, T, heads * D] rows.
+  if (dtype == at::kBFloat16 && voken::core::cpu_tier() >= voken::core::CpuTier::avx2) {
+    // The encoder's kernel (this process's tier; VOKEN_CPU chooses a lower one), on [B, T, heads * D]
+    // rows.
     const auto rows = [&](const at::Tensor& t) {
       return t.transpose(1, 2).reshape({batch, tokens, heads * head_dim});
     };
     const auto qr = rows(q), kr = rows(k), vr = rows(v);
-    at::Tensor amx;
-    const double t_amx =
-        time_best_wall([&] { amx = voken::core::amx_attention(qr, kr, vr, heads, scale); }, 5);
+    at::Tensor fused_rows;
+    const double t_kernel = time_best_wall(
+        [&] {
+          fused_rows = voken::core::attention(qr, kr, vr, heads, scale,
+                                              voken::core::AttentionNumerics::ScaledQueryBf16);
+        },
+        5);
+    const double flops = 4.0 * batch * tokens * tokens * heads * head_dim;
     std::printf(
-        "  attention bf16  core::amx_attention %.2f ms per ViT block (max diff to matmul+softmax %.2g)\n",
-        t_amx * 1e3, (amx.to(at::kFloat) - rows(manual).to(at::kFloat)).abs().max().item<double>());
+        "  attention bf16  core::attention (tier %s) %.2f ms = %.0f GFLOP/s per ViT block (matmul+softmax "
+        "%.0f GFLOP/s; max diff to it %.2g)\n",
+        voken::core::tier_name(voken::core::cpu_tier()), t_kernel * 1e3, flops / t_kernel / 1e9,
+        flops / t_manual / 1e9,
+        (fused_rows.to(at::kFloat) - rows(manual).to(at::kFloat)).abs().max().item<double>());
   }
 }
 

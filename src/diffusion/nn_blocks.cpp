@@ -311,10 +311,16 @@ at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const 
                         "x" + std::to_string(inner) + ", k/v with " + std::to_string(keys) + " keys, " +
                         std::to_string(heads) + " heads do not fit together");
   const int64_t head_dim = inner / heads;
-  if (allow_fused && !upcast && q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
-      v.scalar_type() == at::kBFloat16 && head_dim <= core::kFusedAttentionMaxHeadDim && q.stride(2) == 1 &&
-      k.stride(2) == 1 && v.stride(2) == 1 && core::cpu_tier() == core::CpuTier::amx)
-    return core::fused_attention_bf16(q, k, v, heads, scale);
+  // bfloat16 goes through the fused kernel at every tier from avx2 up (libtorch's bf16 bmm is a
+  // slow reference path on AVX2 CPUs, and the chunked path writes and reads every score). Its
+  // scores are float32 q k^T times the scale in float32: exactly diffusers' upcast_attention, and
+  // closer to float32 than diffusers' bf16 scores without it.
+  const bool bf16 = q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+                    v.scalar_type() == at::kBFloat16;
+  if (allow_fused && bf16 && core::cpu_tier() >= core::CpuTier::avx2 &&
+      core::attention_supported(head_dim, keys, core::AttentionNumerics::ScaledScoresFloat32) &&
+      q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1)
+    return core::attention(q, k, v, heads, scale, core::AttentionNumerics::ScaledScoresFloat32);
   const int64_t groups = batch * heads;
   // [B, N, H*D] -> [B*H, N, D]; keys transposed once to [B*H, D, Nk] for the score products.
   const auto split_heads = [&](const at::Tensor& t, int64_t n) {

@@ -40,8 +40,8 @@ struct ComputeOptions {
   // Largest number of attention-score elements (query rows x keys, summed over the heads in a
   // chunk) materialised at once. A 64x64 latent at batch 2 with 5 heads has 168M of them.
   int64_t attention_max_scores = int64_t{4} << 20;
-  // bfloat16 attention with heads of up to 64 dimensions through the fused AMX kernel
-  // (attention_kernels.h) when the CPU has AMX-BF16; otherwise, or when false, the chunked path.
+  // bfloat16 attention through the fused kernel (core/attention.h) at every CPU tier from avx2
+  // up; otherwise, or when false, the chunked path.
   bool fused_attention = true;
   // Largest feed-forward intermediate (the GEGLU projection of a chunk of tokens) in bytes: the
   // tokens go through the feed-forward in row chunks of this size, which keeps the intermediate
@@ -187,8 +187,9 @@ struct Upsample2D {
 // (query rows are processed in chunks, across heads when several fit); results do not depend on
 // the chunking beyond float rounding of the matrix products. `upcast`: q and k in float32 for the
 // scores (diffusers' upcast_attention); softmax always accumulates in float32. `allow_fused`:
-// bfloat16 without upcast, heads of <= 64 dimensions and an AMX CPU take the fused kernel instead
-// (same formula; scores in float32, probabilities rounded to bfloat16 before the P V product).
+// bfloat16 q, k and v (upcast or not) at a CPU tier from avx2 up take the fused kernel
+// (core::attention, ScaledScoresFloat32: float32 scores as upcast_attention computes them,
+// float32 softmax, probabilities rounded to bfloat16 before the P V product at the bf16 tiers).
 at::Tensor multi_head_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
                                 double scale, bool upcast, int64_t max_scores, bool allow_fused = true);
 

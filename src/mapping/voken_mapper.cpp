@@ -6,6 +6,8 @@
 #include <cmath>
 #include <optional>
 
+#include "core/attention.h"
+#include "core/cpu.h"
 #include "io/paths.h"
 #include "io/tensor_bytes.h"
 #include "voken/error.h"
@@ -201,6 +203,15 @@ at::Tensor VokenMapper::feed_forward(const at::Tensor& x, const Linear& linear1,
 at::Tensor VokenMapper::attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) const {
   const int64_t batch = q.size(0);
   const int64_t query_len = q.size(1);
+  // bf16 at a tier from avx2 up: the fused kernel, q times the scale rounded to bf16 first as
+  // upstream's q / sqrt(head_dim) rounds it (a float product instead of a quotient: at most one
+  // float ulp apart before that rounding), float32 scores and softmax.
+  if (q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+      v.scalar_type() == at::kBFloat16 && core::cpu_tier() >= core::CpuTier::avx2 &&
+      core::attention_supported(head_dim_, k.size(1), core::AttentionNumerics::ScaledQueryBf16) &&
+      q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1)
+    return core::attention(q, k, v, nhead_, 1.0 / std::sqrt(static_cast<double>(head_dim_)),
+                           core::AttentionNumerics::ScaledQueryBf16);
   auto split_heads = [&](const at::Tensor& t) {
     return t.reshape({batch, t.size(1), nhead_, head_dim_}).transpose(1, 2);  // [B, h, T, hd]
   };

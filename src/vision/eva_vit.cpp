@@ -224,8 +224,7 @@ at::Tensor EvaVit::block_forward(const Block& block, const at::Tensor& x) const 
   // bf16 weights on an AMX CPU: the products run in core::inplace_linear (weights read in place, no
   // per-call repacking as in at::linear/oneDNN), fc1's GELU and the residual additions are applied
   // to the float32 sums before the single rounding, the LayerNorms run in core::layer_norm_bf16
-  // (float32 inside, rounded to bf16 as layer_norm_float32 rounds) and attention in
-  // core::amx_attention.
+  // (float32 inside, rounded to bf16 as layer_norm_float32 rounds).
   const bool amx = x.scalar_type() == at::kBFloat16 && block.qkv_weight.scalar_type() == at::kBFloat16 &&
                    core::inplace_gemm_supported();
   auto norm = [&](const at::Tensor& in, const at::Tensor& weight, const at::Tensor& bias) {
@@ -244,12 +243,14 @@ at::Tensor EvaVit::block_forward(const Block& block, const at::Tensor& x) const 
   const auto qkv_rows = linear(h, block.qkv_weight, block.qkv_bias, none, {});  // [B, T, 3 * width]
   const int64_t attn_width = num_heads_ * head_dim_;
   at::Tensor context;
-  if (amx && core::amx_attention_supported(head_dim_, tokens)) {
-    // Fused kernel on views of the product (no head copies); upstream's rounding of q * scale to
-    // bf16 is kept, the scores and softmax stay float32 (closer to float32 than the bf16 ops).
-    context =
-        core::amx_attention(qkv_rows.narrow(-1, 0, attn_width), qkv_rows.narrow(-1, attn_width, attn_width),
-                            qkv_rows.narrow(-1, 2 * attn_width, attn_width), num_heads_, scale_);
+  // bf16 activations at a tier from avx2 up: the fused kernel on views of the product (no head
+  // copies); upstream's rounding of q * scale to bf16 is kept, the scores and softmax stay float32
+  // (closer to float32 than the bf16 ops). Elsewhere ATen, as upstream computes it.
+  if (qkv_rows.scalar_type() == at::kBFloat16 && core::cpu_tier() >= core::CpuTier::avx2 &&
+      core::attention_supported(head_dim_, tokens, core::AttentionNumerics::ScaledQueryBf16)) {
+    context = core::attention(qkv_rows.narrow(-1, 0, attn_width), qkv_rows.narrow(-1, attn_width, attn_width),
+                              qkv_rows.narrow(-1, 2 * attn_width, attn_width), num_heads_, scale_,
+                              core::AttentionNumerics::ScaledQueryBf16);
   } else {
     // [B, T, 3, heads, head_dim] -> [3, B, heads, T, head_dim], copied once so that the batched
     // products below read contiguous heads (cheaper than letting each matmul copy its operand).

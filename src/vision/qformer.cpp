@@ -6,6 +6,8 @@
 #include <cmath>
 #include <regex>
 
+#include "core/attention.h"
+#include "core/cpu.h"
 #include "core/inplace_gemm.h"
 #include "core/norm_kernels.h"
 #include "io/tensor_bytes.h"
@@ -203,6 +205,15 @@ at::Tensor QFormer::activation(const at::Tensor& x) const {
 // q [B, Lq, H], k/v [B, Lk, H] -> context [B, Lq, H]; no mask (all tokens are attended to).
 at::Tensor QFormer::attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) const {
   const int64_t batch = q.size(0), q_len = q.size(1), k_len = k.size(1);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim_));
+  // bf16 at a tier from avx2 up: the fused kernel with float32 scores scaled in float32 (upstream
+  // divides the scores after the product; bf16 scores there, float32 here: closer to float32). The
+  // float32 path stays ATen, as the float32 goldens compute it.
+  if (q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+      v.scalar_type() == at::kBFloat16 && core::cpu_tier() >= core::CpuTier::avx2 &&
+      core::attention_supported(head_dim_, k_len, core::AttentionNumerics::ScaledScoresFloat32) &&
+      q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1)
+    return core::attention(q, k, v, num_heads_, scale, core::AttentionNumerics::ScaledScoresFloat32);
   const auto split = [&](const at::Tensor& t, int64_t len) {
     return t.reshape({batch, len, num_heads_, head_dim_}).transpose(1, 2);
   };

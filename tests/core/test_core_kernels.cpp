@@ -22,7 +22,6 @@
 #include <thread>
 #include <vector>
 
-#include "core/attention.h"
 #include "core/inplace_gemm.h"
 #include "core/norm_kernels.h"
 #include "core/parallel.h"
@@ -211,59 +210,6 @@ TEST_F(AmxGemm, ResidualIsAddedBeforeTheRounding) {
 TEST_F(AmxGemm, EmptyInputGivesEmptyOutput) {
   const auto w = at::ones({8, 32}, at::kBFloat16);
   EXPECT_EQ(inplace_linear(at::zeros({0, 32}), w).sizes(), at::IntArrayRef({0, 8}));
-}
-
-// Attention against float64 on the same bf16 inputs, with q * scale rounded to bf16 as the kernel
-// (and upstream) does. The kernel's other roundings: probabilities to bf16 (relative 2^-9 each)
-// and the output (2^-9), so |o - ref| <= 2^-8 (P |v|) + 2^-8 |ref| (+ float32 sums, far smaller).
-void expect_attention_close(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads,
-                            double scale, const std::string& what) {
-  const auto got = amx_attention(q, k, v, heads, scale);
-  const int64_t b = q.size(0), tq = q.size(1), tk = k.size(1), d = q.size(2) / heads;
-  auto split = [&](const at::Tensor& t, int64_t len) {
-    return t.reshape({b, len, heads, d}).transpose(1, 2);
-  };
-  const auto qs = (q.to(at::kFloat) * scale).to(at::kBFloat16).to(at::kDouble);
-  const auto probs =
-      at::softmax(at::matmul(split(qs, tq), split(k.to(at::kDouble), tk).transpose(-1, -2)), -1);
-  const auto vv = split(v.to(at::kDouble), tk);
-  const auto ref = at::matmul(probs, vv).transpose(1, 2).reshape({b, tq, heads * d});
-  const auto bound = (at::matmul(probs, vv.abs()).transpose(1, 2).reshape({b, tq, heads * d}) + ref.abs()) *
-                         std::ldexp(1.0, -8) +
-                     1e-6;
-  ASSERT_EQ(got.sizes(), ref.sizes()) << what;
-  const double ratio = ((got.to(at::kDouble) - ref).abs() / bound).max().item<double>();
-  EXPECT_LE(ratio, 1.0) << what << ": error reaches " << ratio << " x the bound";
-}
-
-TEST_F(AmxGemm, AttentionMatchesFloat64) {
-  at::manual_seed(7);
-  struct Case {
-    int64_t batch, queries, keys, heads, head_dim;
-  };
-  for (const Case c : {Case{1, 257, 257, 16, 88}, Case{2, 33, 5, 2, 64}, Case{1, 1, 40, 3, 8},
-                       Case{2, 17, 70, 1, 130}, Case{1, 64, 600, 2, 32}}) {
-    const int64_t width = c.heads * c.head_dim;
-    // q, k, v as views of one fused product [B, T, 3 * width] (strided rows), as in the ViT.
-    const auto qkv = (at::randn({c.batch, std::max(c.queries, c.keys), 3 * width}) * 2).to(at::kBFloat16);
-    const auto q = qkv.narrow(1, 0, c.queries).narrow(2, 0, width);
-    const auto k = qkv.narrow(1, 0, c.keys).narrow(2, width, width);
-    const auto v = qkv.narrow(1, 0, c.keys).narrow(2, 2 * width, width);
-    expect_attention_close(q, k, v, c.heads, 1.0 / std::sqrt(double(c.head_dim)),
-                           "q " + std::to_string(c.queries) + " k " + std::to_string(c.keys) + " heads " +
-                               std::to_string(c.heads) + " d " + std::to_string(c.head_dim));
-  }
-}
-
-TEST_F(AmxGemm, AttentionRejectsBadArguments) {
-  const auto x = at::randn({1, 4, 16}).to(at::kBFloat16);
-  EXPECT_THROW(amx_attention(x, x, x, 3, 1.0), ArgumentError);                 // 16 % 3
-  EXPECT_THROW(amx_attention(x.to(at::kFloat), x, x, 2, 1.0), ArgumentError);  // dtype
-  EXPECT_THROW(amx_attention(x, x, at::randn({1, 5, 16}).to(at::kBFloat16), 2, 1.0),
-               ArgumentError);  // v rows
-  EXPECT_THROW(amx_attention(x, at::randn({1, kAmxAttentionMaxKeys + 1, 16}).to(at::kBFloat16),
-                             at::randn({1, kAmxAttentionMaxKeys + 1, 16}).to(at::kBFloat16), 2, 1.0),
-               ArgumentError);
 }
 
 TEST_F(AmxGemm, RejectsBadArguments) {

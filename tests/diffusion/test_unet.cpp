@@ -1,7 +1,7 @@
 // UNet2DCondition and AutoencoderKL beyond the goldens: config parsing (defaults, int-or-list
 // fields, unsupported block types and fields named in the error), weights (mismatches reported,
-// .bin and fp16 files into float32 and bfloat16), bad inputs, chunked attention against the whole
-// score matrix, channels-last against NCHW, bfloat16 against float32, SD 1.x conv projections
+// .bin and fp16 files into float32 and bfloat16), bad inputs, attention chunking in a model,
+// channels-last against NCHW, bfloat16 against float32, SD 1.x conv projections
 // against SD 2.x linear ones, the VAE's deprecated attention names, and the norm kernels against
 // float64 references.
 #include <ATen/ATen.h>
@@ -15,7 +15,6 @@
 #include <string>
 
 #include "common/test_support.h"
-#include "core/attention.h"
 #include "core/cpu.h"
 #include "core/norm_kernels.h"
 #include "core/packed_gemm.h"
@@ -31,7 +30,6 @@ namespace voken::diffusion {
 namespace {
 
 // The kernels these tests check live in core.
-using core::fused_attention_bf16;
 using core::geglu;
 using core::group_norm;
 using core::group_norm_;
@@ -347,87 +345,6 @@ TEST_F(TinyUNet, TimestepBroadcastsOverTheBatchWhateverItsType) {
 }
 
 // ---- numerics -------------------------------------------------------------------------------
-
-TEST(Attention, ChunkedEqualsWholeScoreMatrix) {
-  auto generator = at::make_generator<at::CPUGeneratorImpl>(3);
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  const int64_t batch = 2, queries = 50, keys = 37, heads = 3, head_dim = 8;
-  const at::Tensor q = at::randn({batch, queries, heads * head_dim}, generator, f32);
-  const at::Tensor k = at::randn({batch, keys, heads * head_dim}, generator, f32);
-  const at::Tensor v = at::randn({batch, keys, heads * head_dim}, generator, f32);
-  const double scale = 1 / std::sqrt(8.0);
-  // Reference in float64 from the definition.
-  const auto split = [&](const at::Tensor& t, int64_t n) {
-    return t.to(at::kDouble).view({batch, n, heads, head_dim}).permute({0, 2, 1, 3});
-  };
-  const at::Tensor want =
-      at::matmul(at::softmax(at::matmul(split(q, queries), split(k, keys).transpose(-1, -2)) * scale, -1),
-                 split(v, keys))
-          .permute({0, 2, 1, 3})
-          .reshape({batch, queries, heads * head_dim});
-  const at::Tensor whole = multi_head_attention(q, k, v, heads, scale, false, int64_t{1} << 40);
-  EXPECT_LT(max_abs_diff(whole, want), 1e-5);
-  // Budgets: one score row at a time, one head's rows in pieces, several heads at once.
-  for (const int64_t budget : {int64_t{1}, keys, 7 * keys, queries * keys, 4 * queries * keys}) {
-    const at::Tensor chunked = multi_head_attention(q, k, v, heads, scale, false, budget);
-    EXPECT_LT(max_abs_diff(chunked, whole), 1e-6) << "budget " << budget;
-  }
-  // bfloat16: the fused AMX kernel (where the CPU has it) and the chunked path agree with the
-  // float64 reference to bfloat16 accuracy, for head sizes that fill 1-4 output tiles, partial
-  // query and key blocks, strided (fused-qkv-like) inputs, cross-attention lengths like 77.
-  for (const int64_t dim : {int64_t{8}, int64_t{40}, int64_t{64}}) {
-    for (const auto& [nq, nk] :
-         std::vector<std::pair<int64_t, int64_t>>{{50, 37}, {16, 77}, {100, 200}, {20, 1100}}) {
-      // Unit-variance inputs: scores of O(1). (The chunked path rounds scores to bfloat16, as
-      // diffusers does, which costs ~2^-9 of their magnitude in the exponent; the fused kernel
-      // keeps them in float32 and is checked on sharp score ranges below.)
-      const at::Tensor qkv = at::randn({batch, nq, 3 * heads * dim}, generator, f32);
-      const at::Tensor kv = at::randn({batch, nk, 2 * heads * dim}, generator, f32);
-      const at::Tensor qb = qkv.to(at::kBFloat16).narrow(2, heads * dim, heads * dim);  // strided rows
-      const at::Tensor kb = kv.to(at::kBFloat16).narrow(2, 0, heads * dim);
-      const at::Tensor vb = kv.to(at::kBFloat16).narrow(2, heads * dim, heads * dim);
-      const double s = 1 / std::sqrt(static_cast<double>(dim));
-      const auto split_d = [&](const at::Tensor& t, int64_t n) {
-        return t.to(at::kDouble).reshape({batch, n, heads, dim}).permute({0, 2, 1, 3});
-      };
-      const at::Tensor ref =
-          at::matmul(at::softmax(at::matmul(split_d(qb, nq), split_d(kb, nk).transpose(-1, -2)) * s, -1),
-                     split_d(vb, nk))
-              .permute({0, 2, 1, 3})
-              .reshape({batch, nq, heads * dim});
-      const double tol = 0.02 * ref.abs().max().item<double>();
-      const at::Tensor chunked = multi_head_attention(qb, kb, vb, heads, s, false, 64, /*allow_fused=*/false);
-      EXPECT_LT(max_abs_diff(chunked, ref), 2.5 * tol)
-          << "chunked dim " << dim << " nq " << nq << " nk " << nk;
-      if ((core::cpu_tier() == core::CpuTier::amx)) {
-        const at::Tensor fused = fused_attention_bf16(qb, kb, vb, heads, s);
-        EXPECT_EQ(fused.sizes(), ref.sizes());
-        EXPECT_LT(max_abs_diff(fused, ref), tol) << "fused dim " << dim << " nq " << nq << " nk " << nk;
-        EXPECT_TRUE(at::isfinite(fused).all().item<bool>());
-      }
-    }
-  }
-  // A row whose maximum appears late (rescaling of the resident output) and large score ranges.
-  if ((core::cpu_tier() == core::CpuTier::amx)) {
-    at::Tensor qs = at::ones({1, 16, 64}) * 0.5;
-    // Keys over three of the kernel's 1024-key chunks (the last one partial), the largest scores
-    // in the last chunk.
-    at::Tensor ks = at::randn({1, 2500, 64}, generator, f32);
-    ks.narrow(1, 2300, 10).mul_(20);
-    const at::Tensor vs = at::randn({1, 2500, 64}, generator, f32);
-    const at::Tensor ref = multi_head_attention(qs, ks, vs, 1, 0.125, false, int64_t{1} << 30);
-    const at::Tensor fused =
-        fused_attention_bf16(qs.to(at::kBFloat16), ks.to(at::kBFloat16), vs.to(at::kBFloat16), 1, 0.125);
-    EXPECT_LT(max_abs_diff(fused, ref), 0.03 * ref.abs().max().item<double>() + 0.02);
-  } else {
-    std::printf("note: no AMX-BF16 on this CPU; the fused attention kernel is not exercised\n");
-  }
-  // upcast (float32 scores) on bfloat16 inputs stays close to the float32 result.
-  const at::Tensor bf16 = multi_head_attention(q.to(at::kBFloat16), k.to(at::kBFloat16), v.to(at::kBFloat16),
-                                               heads, scale, true, keys * 5);
-  EXPECT_EQ(bf16.scalar_type(), at::kBFloat16);
-  EXPECT_LT(max_abs_diff(bf16, whole), 0.05);
-}
 
 TEST_F(TinyUNet, AttentionChunkingAndMemoryLayoutDoNotChangeTheResult) {
   // 6x10 latents: not divisible by the overall factor 4 (upsample_size path).
