@@ -456,19 +456,27 @@ void vector_linear_many(const gemm::VectorKernels& kernels, const at::Tensor& ro
   const int64_t chunks = (k_steps + kernels.chunk_steps - 1) / kernels.chunk_steps;
   const gemm::Plan plan = gemm::make_plan(tiles, static_cast<int64_t>(units.size()), k_steps,
                                           (k_steps + chunks - 1) / chunks, std::max<int64_t>(1, 512 / t), 1);
-  const int64_t panel_bytes = plan.chunk_steps * gemm::kStepElements * (kernels.float_operands ? 4 : 2);
-  gemm::run_vector_gemm(
-      kernels, a, plan, panel_bytes,
-      [&](int64_t block, int64_t s0, int64_t s1, void* scratch) -> const void* {
-        const Unit& u = units[static_cast<size_t>(block)];
-        kernels.pack_rows(u.weight, u.ldw, u.rows, s0 * gemm::kStepDepth, std::min(k, s1 * gemm::kStepDepth),
-                          scratch);
-        return scratch;
-      },
-      [&](const float* c, int64_t tile, int64_t block) {
-        const Unit& u = units[static_cast<size_t>(block)];
-        kernels.store_inplace(outs[u.job], c, tile * t, t, u.n0);
-      });
+  gemm::GemmSource source;
+  source.panel_bytes = plan.chunk_steps * gemm::kStepElements * (kernels.float_operands ? 4 : 2);
+  source.panel = [&](int64_t block, int64_t s0, int64_t s1, void* scratch) -> const void* {
+    const Unit& u = units[static_cast<size_t>(block)];
+    kernels.pack_rows(u.weight, u.ldw, u.rows, s0 * gemm::kStepDepth, std::min(k, s1 * gemm::kStepDepth),
+                      scratch);
+    return scratch;
+  };
+  source.weights = [&](int64_t block, int64_t s0, int64_t s1) {
+    const Unit& u = units[static_cast<size_t>(block)];
+    gemm::WeightRange range;
+    range.base = u.weight + s0 * gemm::kStepDepth;
+    range.row_bytes = (std::min(k, s1 * gemm::kStepDepth) - s0 * gemm::kStepDepth) * 2;
+    range.rows = u.rows;
+    range.stride_bytes = u.ldw * 2;
+    return range;
+  };
+  gemm::run_vector_gemm(kernels, a, plan, source, [&](const float* c, int64_t tile, int64_t block) {
+    const Unit& u = units[static_cast<size_t>(block)];
+    kernels.store_inplace(outs[u.job], c, tile * t, t, u.n0);
+  });
 }
 
 }  // namespace

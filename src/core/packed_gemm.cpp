@@ -49,15 +49,34 @@ std::vector<std::pair<int64_t, int64_t>> split(int64_t count, int64_t parts, int
   return ranges;
 }
 
-void run_task(const VectorKernels& kernels, const RowTiles& a, const Plan& plan, int64_t panel_bytes,
-              const PanelFn& panel, const StoreFn& store, const Plan::Task& task) {
+// Requests the weight rows of the next panel into L2 a few lines per row tile while this panel is
+// computed: with few row tiles (small images, short prompts) each panel is used briefly and its
+// weights would otherwise arrive from memory with nothing to overlap them.
+struct PanelPrefetch {
+  WeightRange range;
+  int64_t lines_per_row = 0, total = 0, cursor = 0;
+
+  explicit PanelPrefetch(const WeightRange& r) : range(r) {
+    lines_per_row = (r.row_bytes + 63) / 64;
+    total = r.base ? r.rows * lines_per_row : 0;
+  }
+  void issue(int64_t count) {
+    for (int64_t end = std::min(total, cursor + count); cursor < end; ++cursor)
+      __builtin_prefetch(static_cast<const char*>(range.base) +
+                             (cursor / lines_per_row) * range.stride_bytes + (cursor % lines_per_row) * 64,
+                         0, 2);
+  }
+};
+
+void run_task(const VectorKernels& kernels, const RowTiles& a, const Plan& plan, const GemmSource& source,
+              const StoreFn& store, const Plan::Task& task) {
   thread_local ThreadBuffer acc_buffer, panel_buffer;
   const int64_t tile_floats = kernels.tile_rows * kBlockColumns;
   const bool chunked = plan.chunk_steps < a.k_steps;
-  const int64_t blocks = task.block_end - task.block_begin;
-  auto* acc = static_cast<float*>(acc_buffer.get(sizeof(float) * tile_floats *
-                                                 (chunked ? (task.tile_end - task.tile_begin) * blocks : 1)));
-  void* scratch = panel_bytes > 0 ? panel_buffer.get(panel_bytes) : nullptr;
+  const int64_t blocks = task.block_end - task.block_begin, tiles = task.tile_end - task.tile_begin;
+  auto* acc =
+      static_cast<float*>(acc_buffer.get(sizeof(float) * tile_floats * (chunked ? tiles * blocks : 1)));
+  void* scratch = source.panel_bytes > 0 ? panel_buffer.get(source.panel_bytes) : nullptr;
   ProductArgs args;
   args.lda = a.lda;
   args.tap_offset = a.tap_offset.data();
@@ -68,8 +87,17 @@ void run_task(const VectorKernels& kernels, const RowTiles& a, const Plan& plan,
     args.s1 = s1;
     args.accumulate = s0 > 0;
     for (int64_t block = task.block_begin; block < task.block_end; ++block) {
-      args.b = panel(block, s0, s1, scratch);
+      args.b = source.panel(block, s0, s1, scratch);
+      // The panel after this one: the next block of the chunk, or the first of the next chunk.
+      WeightRange next;
+      if (block + 1 < task.block_end)
+        next = source.weights(block + 1, s0, s1);
+      else if (s1 < a.k_steps)
+        next = source.weights(task.block_begin, s1, std::min(a.k_steps, s1 + plan.chunk_steps));
+      PanelPrefetch prefetch(next);
+      const int64_t per_tile = (prefetch.total + tiles - 1) / tiles;
       for (int64_t tile = task.tile_begin; tile < task.tile_end; ++tile) {
+        prefetch.issue(per_tile);
         args.a = a.tiles[tile];
         args.c = chunked
                      ? acc + ((tile - task.tile_begin) * blocks + (block - task.block_begin)) * tile_floats
@@ -109,10 +137,10 @@ Plan make_plan(int64_t tiles, int64_t blocks, int64_t k_steps, int64_t chunk_ste
   return plan;
 }
 
-void run_vector_gemm(const VectorKernels& kernels, const RowTiles& a, const Plan& plan, int64_t panel_bytes,
-                     const PanelFn& panel, const StoreFn& store) {
+void run_vector_gemm(const VectorKernels& kernels, const RowTiles& a, const Plan& plan,
+                     const GemmSource& source, const StoreFn& store) {
   parallel_items(static_cast<int64_t>(plan.tasks.size()), [&](int64_t index) {
-    run_task(kernels, a, plan, panel_bytes, panel, store, plan.tasks[static_cast<size_t>(index)]);
+    run_task(kernels, a, plan, source, store, plan.tasks[static_cast<size_t>(index)]);
   });
 }
 
@@ -289,24 +317,27 @@ void run(Call& call, const PackedGemmWeight& weight, at::Tensor& out, const at::
   const gemm::StoreFn store = [&](const float* c, int64_t tile, int64_t block) {
     kernels.store_packed(o, c, tile * kernels.tile_rows, kernels.tile_rows, block);
   };
+  gemm::GemmSource source;
+  source.weights = [&](int64_t block, int64_t s0, int64_t s1) {
+    gemm::WeightRange range;
+    range.base = packed + (block * k_steps + s0) * kStepElements;
+    range.row_bytes = (s1 - s0) * kStepElements * static_cast<int64_t>(sizeof(bf16_bits));
+    return range;
+  };
   if (kernels.float_operands) {
     // The weight panel of a block and chunk widened to float32 once per task.
-    gemm::run_vector_gemm(
-        kernels, a, plan, plan.chunk_steps * kStepElements * sizeof(float),
-        [&](int64_t block, int64_t s0, int64_t s1, void* scratch) -> const void* {
-          kernels.widen_packed(packed + (block * k_steps + s0) * kStepElements, s1 - s0,
-                               static_cast<float*>(scratch));
-          return scratch;
-        },
-        store);
+    source.panel_bytes = plan.chunk_steps * kStepElements * static_cast<int64_t>(sizeof(float));
+    source.panel = [&](int64_t block, int64_t s0, int64_t s1, void* scratch) -> const void* {
+      kernels.widen_packed(packed + (block * k_steps + s0) * kStepElements, s1 - s0,
+                           static_cast<float*>(scratch));
+      return scratch;
+    };
   } else {
-    gemm::run_vector_gemm(
-        kernels, a, plan, 0,
-        [&](int64_t block, int64_t s0, int64_t, void*) -> const void* {
-          return packed + (block * k_steps + s0) * kStepElements;
-        },
-        store);
+    source.panel = [&](int64_t block, int64_t s0, int64_t, void*) -> const void* {
+      return packed + (block * k_steps + s0) * kStepElements;
+    };
   }
+  gemm::run_vector_gemm(kernels, a, plan, source, store);
 }
 
 void check_input(const at::Tensor& x, const PackedGemmWeight& weight, const char* what) {

@@ -38,8 +38,15 @@ struct RowBases {
 };
 
 template <int R>
-VOKEN_TARGET_AVX2 void steps_avx2(const float* a, int64_t lda, const float* b, int64_t steps, __m256 (&lo)[R],
-                                  __m256 (&hi)[R]) {
+VOKEN_TARGET_AVX2 void steps_avx2(const float* a, int64_t lda, const float* b, int64_t steps,
+                                  __m256 (&lo_io)[R], __m256 (&hi_io)[R]) {
+  // Local copies: the compiler keeps them in registers across the loop (the caller's arrays it
+  // would store and reload at every iteration).
+  __m256 lo[R], hi[R];
+  for (int r = 0; r < R; ++r) {
+    lo[r] = lo_io[r];
+    hi[r] = hi_io[r];
+  }
   static_assert(R <= 6, "two groups of three rows");
   const int64_t depth = steps * kStepDepth;
   for (int64_t k = 0; k < depth; k += 8, a += 8, b += 8 * kBlockColumns) {
@@ -55,6 +62,10 @@ VOKEN_TARGET_AVX2 void steps_avx2(const float* a, int64_t lda, const float* b, i
         hi[r] = _mm256_fmadd_ps(x, b1, hi[r]);
       }
     }
+  }
+  for (int r = 0; r < R; ++r) {
+    lo_io[r] = lo[r];
+    hi_io[r] = hi[r];
   }
 }
 

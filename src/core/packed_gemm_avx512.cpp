@@ -51,7 +51,14 @@ struct RowBases {
 
 template <int R>
 VOKEN_TARGET_AVX512_BF16 void steps_bf16(const bf16_bits* a, int64_t lda, const bf16_bits* b, int64_t steps,
-                                         __m512 (&lo)[R], __m512 (&hi)[R]) {
+                                         __m512 (&lo_io)[R], __m512 (&hi_io)[R]) {
+  // Local copies: the compiler keeps them in registers across the loop (the caller's arrays it
+  // would store and reload at every iteration).
+  __m512 lo[R], hi[R];
+  for (int r = 0; r < R; ++r) {
+    lo[r] = lo_io[r];
+    hi[r] = hi_io[r];
+  }
   static_assert(R <= 12, "four groups of three rows");
   for (int64_t s = 0; s < steps; ++s, a += kStepDepth, b += kStepElements) {
     const RowBases rows(a, lda * static_cast<int64_t>(sizeof(bf16_bits)));
@@ -68,6 +75,10 @@ VOKEN_TARGET_AVX512_BF16 void steps_bf16(const bf16_bits* a, int64_t lda, const 
         hi[r] = _mm512_dpbf16_ps(hi[r], w, b1);
       }
     }
+  }
+  for (int r = 0; r < R; ++r) {
+    lo_io[r] = lo[r];
+    hi_io[r] = hi[r];
   }
 }
 
@@ -145,7 +156,14 @@ VOKEN_TARGET_AVX512 void pack_rows_bf16(const bf16_bits* w, int64_t ldw, int64_t
 
 template <int R>
 VOKEN_TARGET_AVX512 void steps_f32(const float* a, int64_t lda, const float* b, int64_t steps,
-                                   __m512 (&lo)[R], __m512 (&hi)[R]) {
+                                   __m512 (&lo_io)[R], __m512 (&hi_io)[R]) {
+  // Local copies: the compiler keeps them in registers across the loop (the caller's arrays it
+  // would store and reload at every iteration).
+  __m512 lo[R], hi[R];
+  for (int r = 0; r < R; ++r) {
+    lo[r] = lo_io[r];
+    hi[r] = hi_io[r];
+  }
   static_assert(R <= 12, "four groups of three rows");
   const int64_t depth = steps * kStepDepth;
   for (int64_t k = 0; k < depth; k += 8, a += 8, b += 8 * kBlockColumns) {
@@ -161,6 +179,10 @@ VOKEN_TARGET_AVX512 void steps_f32(const float* a, int64_t lda, const float* b, 
         hi[r] = _mm512_fmadd_ps(x, b1, hi[r]);
       }
     }
+  }
+  for (int r = 0; r < R; ++r) {
+    lo_io[r] = lo[r];
+    hi_io[r] = hi[r];
   }
 }
 

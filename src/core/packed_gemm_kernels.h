@@ -119,15 +119,29 @@ struct Plan {
 Plan make_plan(int64_t tiles, int64_t blocks, int64_t k_steps, int64_t chunk_steps, int64_t max_task_tiles,
                int64_t tile_granule);
 
-// B of `block` for steps [s0, s1): a pointer into packed weights, or a panel written into
-// `scratch` (panel_bytes, from run_vector_gemm).
-using PanelFn = std::function<const void*(int64_t block, int64_t s0, int64_t s1, void* scratch)>;
+// Where the weights of a block and K chunk lie in memory (rows of row_bytes, stride_bytes apart),
+// for prefetching them before their panel is needed.
+struct WeightRange {
+  const void* base = nullptr;
+  int64_t row_bytes = 0, rows = 1, stride_bytes = 0;
+};
+
+// The B operand of a product.
+struct GemmSource {
+  // B of `block` for steps [s0, s1): a pointer into packed weights, or a panel written into
+  // `scratch` (panel_bytes per thread).
+  std::function<const void*(int64_t block, int64_t s0, int64_t s1, void* scratch)> panel;
+  int64_t panel_bytes = 0;
+  // The memory `panel` reads for (block, s0, s1).
+  std::function<WeightRange(int64_t block, int64_t s0, int64_t s1)> weights;
+};
+
 // Results of tile x block (c [tile_rows][32], complete sums).
 using StoreFn = std::function<void(const float* c, int64_t tile, int64_t block)>;
 
 // Runs the plan's tasks in parallel with `kernels`.
-void run_vector_gemm(const VectorKernels& kernels, const RowTiles& a, const Plan& plan, int64_t panel_bytes,
-                     const PanelFn& panel, const StoreFn& store);
+void run_vector_gemm(const VectorKernels& kernels, const RowTiles& a, const Plan& plan,
+                     const GemmSource& source, const StoreFn& store);
 
 #ifdef VOKEN_HAVE_AMX
 // The AMX products of a packed weight (tile_rows 16, bfloat16 A; make_plan with granule 2).
