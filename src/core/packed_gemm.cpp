@@ -119,13 +119,16 @@ Plan make_plan(int64_t tiles, int64_t blocks, int64_t k_steps, int64_t chunk_ste
   // one block's weight panel of the chunk stays in L1.
   constexpr int64_t kMaxTaskBlocks = 8;
   const int64_t threads = parallel_threads();
-  const int64_t tile_groups = (tiles + max_task_tiles - 1) / max_task_tiles;
+  int64_t tile_groups = (tiles + max_task_tiles - 1) / max_task_tiles;
   int64_t block_groups = (blocks + kMaxTaskBlocks - 1) / kMaxTaskBlocks;
   // Few tasks (small images, wide layers: bound by reading the weights): enough of them, in a
   // multiple of the thread count, that every thread streams the same share of the weights.
   while (tile_groups * block_groups < 8 * threads && (tile_groups * block_groups) % threads != 0 &&
          block_groups < blocks)
     ++block_groups;
+  // Still fewer tasks than threads (few, wide blocks; many cores): split the rows further too.
+  const int64_t tile_units = (tiles + tile_granule - 1) / tile_granule;
+  while (tile_groups * block_groups < threads && tile_groups < tile_units) ++tile_groups;
   const auto tile_ranges = split(tiles, tile_groups, tile_granule);
   const auto block_ranges = split(blocks, block_groups, 1);
   for (const auto& [t0, t1] : tile_ranges)
