@@ -273,6 +273,7 @@ namespace {
 
 // One call's A operand and where its rows go; `buffers` keep copies alive.
 struct Call {
+  bool aligned = false;  // tiles of the tier's aligned_tile_rows (VectorKernels::product_aligned)
   gemm::RowTiles a;
   std::vector<int64_t> out_rows;  // per row of every tile: element offset of its output row, or -1
   std::vector<at::Tensor> buffers;
@@ -311,7 +312,11 @@ void run(Call& call, const PackedGemmWeight& weight, at::Tensor& out, const at::
     return;
   }
 #endif
-  const gemm::VectorKernels& kernels = *gemm::vector_kernels(weight.tier);
+  gemm::VectorKernels kernels = *gemm::vector_kernels(weight.tier);
+  if (call.aligned) {
+    kernels.tile_rows = kernels.aligned_tile_rows;
+    kernels.product = kernels.product_aligned;
+  }
   // Balanced chunks of at most chunk_steps; tasks of up to ~512 rows.
   const int64_t chunks = (a.k_steps + kernels.chunk_steps - 1) / kernels.chunk_steps;
   const gemm::Plan plan = gemm::make_plan(tiles, blocks, a.k_steps, (a.k_steps + chunks - 1) / chunks,
@@ -437,8 +442,14 @@ at::Tensor conv3x3(const at::Tensor& input /* NHWC-contiguous (channels-last) */
   const int64_t plane_w = strided ? (padded_w + 1) / 2 : padded_w;
   const int64_t planes = strided ? 4 : 1, plane_pixels = plane_h * plane_w,
                 image_pixels = planes * plane_pixels;
-  const int64_t t = tile_rows_of(weight.tier);
-  const int64_t image_rows = out_h * plane_w, image_tiles = (image_rows + t - 1) / t;
+  // Output rows that are whole tiles of the tier's aligned micro-kernel: tiles start at each output
+  // row and no padding column is computed (8x8 images otherwise compute 10 columns for 8).
+  const gemm::VectorKernels* vector =
+      weight.tier == CpuTier::amx ? nullptr : gemm::vector_kernels(weight.tier);
+  const bool aligned = vector && vector->aligned_tile_rows > 0 && out_w % vector->aligned_tile_rows == 0;
+  const int64_t t = aligned ? vector->aligned_tile_rows : tile_rows_of(weight.tier);
+  const int64_t image_rows = out_h * plane_w,
+                image_tiles = aligned ? out_h * (out_w / t) : (image_rows + t - 1) / t;
   const int64_t slack = t + 4;
 
   at::Tensor out =
@@ -487,8 +498,16 @@ at::Tensor conv3x3(const at::Tensor& input /* NHWC-contiguous (channels-last) */
   const int64_t element = dtype == at::kFloat ? 4 : 2;
   const char* base = static_cast<const char*>(padded.data_ptr());
   call.out_rows.resize(batch * image_tiles * t);
+  call.aligned = aligned;
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t i = 0; i < image_tiles; ++i) {
+      if (aligned) {
+        const int64_t y = i / (out_w / t), x0 = (i % (out_w / t)) * t;
+        a.tiles.push_back(base + (b * image_pixels + y * plane_w + x0) * channels * element);
+        for (int64_t r = 0; r < t; ++r)
+          call.out_rows[(b * image_tiles + i) * t + r] = ((b * out_h + y) * out_w + x0 + r) * n;
+        continue;
+      }
       a.tiles.push_back(base + (b * image_pixels + i * t) * channels * element);
       for (int64_t r = 0; r < t; ++r) {
         const int64_t local = i * t + r, y = local / plane_w, col = local % plane_w;

@@ -28,7 +28,8 @@
 namespace voken::core::gemm {
 namespace {
 
-constexpr int kRows = 12;  // rows per micro-tile (both AVX-512 tiers)
+constexpr int kRows = 12;        // rows per micro-tile (both AVX-512 tiers)
+constexpr int kAlignedRows = 8;  // rows per micro-tile of convolutions whose output rows are whole tiles
 
 // ---- avx512_bf16 ---------------------------------------------------------------------------------
 
@@ -82,9 +83,10 @@ VOKEN_TARGET_AVX512_BF16 void steps_bf16(const bf16_bits* a, int64_t lda, const 
   }
 }
 
+template <int R>
 VOKEN_TARGET_AVX512_BF16 void product_bf16(const ProductArgs& p) {
-  __m512 lo[kRows], hi[kRows];
-  for (int r = 0; r < kRows; ++r) {
+  __m512 lo[R], hi[R];
+  for (int r = 0; r < R; ++r) {
     lo[r] = p.accumulate ? _mm512_loadu_ps(p.c + r * 32) : _mm512_setzero_ps();
     hi[r] = p.accumulate ? _mm512_loadu_ps(p.c + r * 32 + 16) : _mm512_setzero_ps();
   }
@@ -93,12 +95,12 @@ VOKEN_TARGET_AVX512_BF16 void product_bf16(const ProductArgs& p) {
   while (s < p.s1) {
     const int64_t tap = s / p.tap_steps, in_tap = s % p.tap_steps;
     const int64_t run = std::min(p.s1 - s, p.tap_steps - in_tap);
-    steps_bf16<kRows>(static_cast<const bf16_bits*>(p.a) + p.tap_offset[tap] + in_tap * kStepDepth, p.lda, b,
-                      run, lo, hi);
+    steps_bf16<R>(static_cast<const bf16_bits*>(p.a) + p.tap_offset[tap] + in_tap * kStepDepth, p.lda, b, run,
+                  lo, hi);
     b += run * kStepElements;
     s += run;
   }
-  for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < R; ++r) {
     _mm512_storeu_ps(p.c + r * 32, lo[r]);
     _mm512_storeu_ps(p.c + r * 32 + 16, hi[r]);
   }
@@ -186,9 +188,10 @@ VOKEN_TARGET_AVX512 void steps_f32(const float* a, int64_t lda, const float* b, 
   }
 }
 
+template <int R>
 VOKEN_TARGET_AVX512 void product_f32(const ProductArgs& p) {
-  __m512 lo[kRows], hi[kRows];
-  for (int r = 0; r < kRows; ++r) {
+  __m512 lo[R], hi[R];
+  for (int r = 0; r < R; ++r) {
     lo[r] = p.accumulate ? _mm512_loadu_ps(p.c + r * 32) : _mm512_setzero_ps();
     hi[r] = p.accumulate ? _mm512_loadu_ps(p.c + r * 32 + 16) : _mm512_setzero_ps();
   }
@@ -197,12 +200,12 @@ VOKEN_TARGET_AVX512 void product_f32(const ProductArgs& p) {
   while (s < p.s1) {
     const int64_t tap = s / p.tap_steps, in_tap = s % p.tap_steps;
     const int64_t run = std::min(p.s1 - s, p.tap_steps - in_tap);
-    steps_f32<kRows>(static_cast<const float*>(p.a) + p.tap_offset[tap] + in_tap * kStepDepth, p.lda, b, run,
-                     lo, hi);
+    steps_f32<R>(static_cast<const float*>(p.a) + p.tap_offset[tap] + in_tap * kStepDepth, p.lda, b, run, lo,
+                 hi);
     b += run * kStepElements;
     s += run;
   }
-  for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < R; ++r) {
     _mm512_storeu_ps(p.c + r * 32, lo[r]);
     _mm512_storeu_ps(p.c + r * 32 + 16, hi[r]);
   }
@@ -314,7 +317,9 @@ const VectorKernels* avx512_bf16_kernels() {
     k.tile_rows = kRows;
     k.float_operands = false;
     k.chunk_steps = 16;  // a block's weights of a chunk: 32 KiB
-    k.product = &product_bf16;
+    k.product = &product_bf16<kRows>;
+    k.aligned_tile_rows = kAlignedRows;
+    k.product_aligned = &product_bf16<kAlignedRows>;
     k.pack_rows = &pack_rows_bf16;
     k.store_packed = &store_packed_512;
     k.store_inplace = &store_inplace_512;
@@ -330,7 +335,9 @@ const VectorKernels* avx512_kernels() {
     k.tile_rows = kRows;
     k.float_operands = true;
     k.chunk_steps = 8;  // a block's float32 panel of a chunk: 32 KiB
-    k.product = &product_f32;
+    k.product = &product_f32<kRows>;
+    k.aligned_tile_rows = kAlignedRows;
+    k.product_aligned = &product_f32<kAlignedRows>;
     k.widen_packed = &widen_packed_f32;
     k.pack_rows = &pack_rows_f32;
     k.store_packed = &store_packed_512;

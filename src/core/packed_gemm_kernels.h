@@ -83,6 +83,10 @@ struct VectorKernels {
   bool float_operands = false;  // A and the B panels in float32 (FMA tiers), else bfloat16
   int64_t chunk_steps = 0;      // K steps per chunk: one block's B panel of a chunk stays in L1
   void (*product)(const ProductArgs&) = nullptr;
+  // Optional: a micro-kernel of fewer rows (aligned_tile_rows) for convolutions whose output width is
+  // a multiple of it: every tile then lies within one output row and no padding column is computed.
+  int64_t aligned_tile_rows = 0;
+  void (*product_aligned)(const ProductArgs&) = nullptr;
   // FMA tiers: `steps` steps of one packed block -> float32 panel [steps * 32 k][32 columns].
   void (*widen_packed)(const bf16_bits* packed, int64_t steps, float* panel) = nullptr;
   // Weights read in place: rows [0, rows) (rows <= 32, row stride ldw) over K [k_begin, k_end) ->

@@ -180,12 +180,14 @@ TEST_F(PackedGemm, ConvolutionsMatchFloat64InBothLayouts) {
   struct Case {
     int64_t batch, cin, cout, height, width, kernel;
   };
-  // Image sizes whose padded rows do and do not fill whole tiles of every tier; an odd tile count
+  // Image sizes whose padded rows do and do not fill whole tiles of every tier; widths of 8 and 16
+  // (the AVX-512 tiers' 8-row tiles aligned to output rows, one or two per row); an odd tile count
   // per image; 96 channels for K chunks that end inside a tap (27 steps: 2 x 14/13 at the bf16
   // tiers, 4 x 7/6 at the FMA tiers); a 1x1 convolution.
   for (const CpuTier tier : tiers_) {
     for (const Case& c : {Case{1, 32, 32, 1, 1, 3}, Case{2, 32, 64, 3, 5, 3}, Case{2, 64, 32, 6, 10, 3},
-                          Case{2, 96, 96, 8, 8, 3}, Case{3, 32, 32, 9, 7, 3}, Case{2, 64, 96, 6, 10, 1}}) {
+                          Case{2, 96, 96, 8, 8, 3}, Case{3, 32, 32, 9, 7, 3}, Case{1, 64, 32, 5, 16, 3},
+                          Case{2, 64, 96, 6, 10, 1}}) {
       const std::string what = tier_text(tier) + " " + std::to_string(c.cin) + "->" + std::to_string(c.cout) +
                                " " + std::to_string(c.height) + "x" + std::to_string(c.width) + " k" +
                                std::to_string(c.kernel);
@@ -222,10 +224,11 @@ TEST_F(PackedGemm, StrideTwoConvolutionsMatchFloat64) {
     int64_t batch, cin, cout, height, width;
   };
   // Even and odd sizes (odd ones leave a last row/column that only padding reaches), the smallest
-  // input a 3x3 kernel fits, and 96 channels for chunks ending inside a tap.
+  // input a 3x3 kernel fits, 96 channels for chunks ending inside a tap, and an output width of 8
+  // (row-aligned tiles).
   for (const CpuTier tier : tiers_) {
     for (const Case& c : {Case{2, 32, 32, 8, 8}, Case{1, 64, 32, 7, 9}, Case{2, 96, 64, 16, 12},
-                          Case{1, 32, 64, 2, 2}, Case{3, 32, 32, 5, 6}}) {
+                          Case{1, 32, 64, 2, 2}, Case{3, 32, 32, 5, 6}, Case{2, 32, 32, 16, 16}}) {
       const at::Tensor w = bf16({c.cout, c.cin, 3, 3}, 1.0 / std::sqrt(c.cin * 9.0));
       const at::Tensor b = bf16({c.cout});
       const auto packed = pack_gemm_weight(w, b, tier);
