@@ -400,10 +400,13 @@ namespace {
 // are read in place and transposed into the packed layout (or a float32 panel) in a per-thread,
 // L1-sized buffer, and the packed micro-kernel runs every row tile of the task against it. The
 // weights are never copied as a whole: each panel is 32 rows x one K chunk.
-void vector_linear_many(const gemm::VectorKernels& kernels, const at::Tensor& rows,
+void vector_linear_many(const gemm::VectorKernels& tier_kernels, const at::Tensor& rows,
                         const std::vector<InplaceLinearJob>& jobs, std::vector<at::Tensor>& outputs,
                         bool out_bf16) {
-  const int64_t m = rows.size(0), k = rows.size(1), t = kernels.tile_rows;
+  const int64_t m = rows.size(0), k = rows.size(1);
+  const gemm::VectorKernels kernels =
+      gemm::small_tiles_fit_better(tier_kernels, m) ? gemm::with_small_tiles(tier_kernels) : tier_kernels;
+  const int64_t t = kernels.tile_rows;
   const int64_t k_steps = (k + gemm::kStepDepth - 1) / gemm::kStepDepth,
                 padded_k = k_steps * gemm::kStepDepth;
   const int64_t tiles = (m + t - 1) / t;

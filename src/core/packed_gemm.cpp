@@ -273,7 +273,7 @@ namespace {
 
 // One call's A operand and where its rows go; `buffers` keep copies alive.
 struct Call {
-  bool aligned = false;  // tiles of the tier's aligned_tile_rows (VectorKernels::product_aligned)
+  bool small_tiles = false;  // tiles of the tier's small_tile_rows (VectorKernels::product_small)
   gemm::RowTiles a;
   std::vector<int64_t> out_rows;  // per row of every tile: element offset of its output row, or -1
   std::vector<at::Tensor> buffers;
@@ -312,11 +312,8 @@ void run(Call& call, const PackedGemmWeight& weight, at::Tensor& out, const at::
     return;
   }
 #endif
-  gemm::VectorKernels kernels = *gemm::vector_kernels(weight.tier);
-  if (call.aligned) {
-    kernels.tile_rows = kernels.aligned_tile_rows;
-    kernels.product = kernels.product_aligned;
-  }
+  const gemm::VectorKernels* vector = gemm::vector_kernels(weight.tier);
+  const gemm::VectorKernels kernels = call.small_tiles ? gemm::with_small_tiles(*vector) : *vector;
   // Balanced chunks of at most chunk_steps; tasks of up to ~512 rows.
   const int64_t chunks = (a.k_steps + kernels.chunk_steps - 1) / kernels.chunk_steps;
   const gemm::Plan plan = gemm::make_plan(tiles, blocks, a.k_steps, (a.k_steps + chunks - 1) / chunks,
@@ -369,10 +366,14 @@ at::Tensor checked_residual(const at::Tensor& residual, at::IntArrayRef sizes, a
 void linear_rows(const at::Tensor& x, const PackedGemmWeight& weight, const at::Tensor& residual,
                  at::Tensor& out) {
   const int64_t k = weight.depth(), n = weight.output_width();
-  const int64_t t = tile_rows_of(weight.tier);
   at::Tensor rows = x.reshape({-1, k});
-  const int64_t m = rows.size(0), tiles = (m + t - 1) / t;
+  const int64_t m = rows.size(0);
   Call call;
+  const gemm::VectorKernels* vector =
+      weight.tier == CpuTier::amx ? nullptr : gemm::vector_kernels(weight.tier);
+  call.small_tiles = vector && gemm::small_tiles_fit_better(*vector, m);
+  const int64_t t = call.small_tiles ? vector->small_tile_rows : tile_rows_of(weight.tier);
+  const int64_t tiles = (m + t - 1) / t;
   gemm::RowTiles& a = call.a;
   a.tile_rows = t;
   a.tap_offset = {0};
@@ -442,12 +443,12 @@ at::Tensor conv3x3(const at::Tensor& input /* NHWC-contiguous (channels-last) */
   const int64_t plane_w = strided ? (padded_w + 1) / 2 : padded_w;
   const int64_t planes = strided ? 4 : 1, plane_pixels = plane_h * plane_w,
                 image_pixels = planes * plane_pixels;
-  // Output rows that are whole tiles of the tier's aligned micro-kernel: tiles start at each output
+  // Output rows that are whole tiles of the tier's small micro-kernel: tiles start at each output
   // row and no padding column is computed (8x8 images otherwise compute 10 columns for 8).
   const gemm::VectorKernels* vector =
       weight.tier == CpuTier::amx ? nullptr : gemm::vector_kernels(weight.tier);
-  const bool aligned = vector && vector->aligned_tile_rows > 0 && out_w % vector->aligned_tile_rows == 0;
-  const int64_t t = aligned ? vector->aligned_tile_rows : tile_rows_of(weight.tier);
+  const bool aligned = vector && vector->small_tile_rows > 0 && out_w % vector->small_tile_rows == 0;
+  const int64_t t = aligned ? vector->small_tile_rows : tile_rows_of(weight.tier);
   const int64_t image_rows = out_h * plane_w,
                 image_tiles = aligned ? out_h * (out_w / t) : (image_rows + t - 1) / t;
   const int64_t slack = t + 4;
@@ -498,7 +499,7 @@ at::Tensor conv3x3(const at::Tensor& input /* NHWC-contiguous (channels-last) */
   const int64_t element = dtype == at::kFloat ? 4 : 2;
   const char* base = static_cast<const char*>(padded.data_ptr());
   call.out_rows.resize(batch * image_tiles * t);
-  call.aligned = aligned;
+  call.small_tiles = aligned;
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t i = 0; i < image_tiles; ++i) {
       if (aligned) {

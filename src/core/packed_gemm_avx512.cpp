@@ -28,8 +28,8 @@
 namespace voken::core::gemm {
 namespace {
 
-constexpr int kRows = 12;        // rows per micro-tile (both AVX-512 tiers)
-constexpr int kAlignedRows = 8;  // rows per micro-tile of convolutions whose output rows are whole tiles
+constexpr int kRows = 12;      // rows per micro-tile (both AVX-512 tiers)
+constexpr int kSmallRows = 8;  // rows per micro-tile of the small variant (e.g. 64 rows, 8-wide maps)
 
 // ---- avx512_bf16 ---------------------------------------------------------------------------------
 
@@ -318,8 +318,8 @@ const VectorKernels* avx512_bf16_kernels() {
     k.float_operands = false;
     k.chunk_steps = 16;  // a block's weights of a chunk: 32 KiB
     k.product = &product_bf16<kRows>;
-    k.aligned_tile_rows = kAlignedRows;
-    k.product_aligned = &product_bf16<kAlignedRows>;
+    k.small_tile_rows = kSmallRows;
+    k.product_small = &product_bf16<kSmallRows>;
     k.pack_rows = &pack_rows_bf16;
     k.store_packed = &store_packed_512;
     k.store_inplace = &store_inplace_512;
@@ -336,8 +336,8 @@ const VectorKernels* avx512_kernels() {
     k.float_operands = true;
     k.chunk_steps = 8;  // a block's float32 panel of a chunk: 32 KiB
     k.product = &product_f32<kRows>;
-    k.aligned_tile_rows = kAlignedRows;
-    k.product_aligned = &product_f32<kAlignedRows>;
+    k.small_tile_rows = kSmallRows;
+    k.product_small = &product_f32<kSmallRows>;
     k.widen_packed = &widen_packed_f32;
     k.pack_rows = &pack_rows_f32;
     k.store_packed = &store_packed_512;

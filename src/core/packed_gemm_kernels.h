@@ -83,10 +83,11 @@ struct VectorKernels {
   bool float_operands = false;  // A and the B panels in float32 (FMA tiers), else bfloat16
   int64_t chunk_steps = 0;      // K steps per chunk: one block's B panel of a chunk stays in L1
   void (*product)(const ProductArgs&) = nullptr;
-  // Optional: a micro-kernel of fewer rows (aligned_tile_rows) for convolutions whose output width is
-  // a multiple of it: every tile then lies within one output row and no padding column is computed.
-  int64_t aligned_tile_rows = 0;
-  void (*product_aligned)(const ProductArgs&) = nullptr;
+  // Optional: a micro-kernel of fewer rows (small_tile_rows), for row counts that fill its tiles
+  // better, and for convolutions whose output width is a multiple of it: every tile then lies
+  // within one output row and no padding column is computed.
+  int64_t small_tile_rows = 0;
+  void (*product_small)(const ProductArgs&) = nullptr;
   // FMA tiers: `steps` steps of one packed block -> float32 panel [steps * 32 k][32 columns].
   void (*widen_packed)(const bf16_bits* packed, int64_t steps, float* panel) = nullptr;
   // Weights read in place: rows [0, rows) (rows <= 32, row stride ldw) over K [k_begin, k_end) ->
@@ -101,6 +102,19 @@ struct VectorKernels {
   void (*store_inplace)(const InplaceOutput& out, const float* c, int64_t row0, int64_t tile_rows,
                         int64_t n0) = nullptr;
 };
+
+// `kernels` with the small micro-kernel as its product.
+inline VectorKernels with_small_tiles(VectorKernels kernels) {
+  kernels.tile_rows = kernels.small_tile_rows;
+  kernels.product = kernels.product_small;
+  return kernels;
+}
+
+// Whether m rows fill the small tiles better (fewer rows of padding) than the regular ones.
+inline bool small_tiles_fit_better(const VectorKernels& kernels, int64_t m) {
+  const auto padded = [m](int64_t t) { return (m + t - 1) / t * t; };
+  return kernels.small_tile_rows > 0 && padded(kernels.small_tile_rows) < padded(kernels.tile_rows);
+}
 
 // The kernels of `tier` (avx2, avx512 or avx512_bf16), or null when this build has none.
 const VectorKernels* vector_kernels(CpuTier tier);
