@@ -277,7 +277,10 @@ void packed_kernels(int reps) {
   const auto ref_operand = [&](const at::Tensor& t) { return reference_bf16 ? t : t.to(at::kFloat); };
   std::printf("packed products at tier %s vs %s (GFLOP/s by CPU time per thread, min of %d):\n",
               voken::core::tier_name(tier), reference, reps);
+  // (libtorch's bf16 at::mm only where the tier has AVX-512: limited to AVX2 by ONEDNN_MAX_CPU_ISA,
+  // oneDNN refuses it, while a real AVX2 CPU would run libtorch's slow fallback loops.)
   for (const auto dtype : {at::kBFloat16, at::kFloat}) {
+    if (dtype == at::kBFloat16 && !reference_bf16) continue;
     const at::Tensor a = at::randn({2048, 2048}, generator, f32).to(dtype);
     const double t = time_wall_cpu([&] { at::mm(a, a); }, reps).second;
     std::printf("  at::mm %s 2048^3 (libtorch peak reference): %6.0f GFLOP/s\n", c10::toString(dtype),
