@@ -22,7 +22,11 @@
 //   peak RSS 5.3 GB for the whole run (UNet bf16 alone 3.5 GB).
 //
 // Usage: bench_unet [--threads N] [--reps N] [--skip-fp32] [--latent N] [--only unet|vae] [--attention-budget
-// SCORES]
+// SCORES] [--kernels]
+//   --kernels: only the table of packed products (convolutions, stride-2 convolutions, GEGLU and
+//   linear layers at SD 2.1's shapes) against libtorch, at the process's CPU tier; VOKEN_CPU=avx2,
+//   avx512 or avx512_bf16 forces a lower tier (and ONEDNN_MAX_CPU_ISA / OPENBLAS_CORETYPE make
+//   libtorch's side behave as on that CPU).
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
