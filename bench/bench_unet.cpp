@@ -22,8 +22,13 @@
 //   peak RSS 5.3 GB for the whole run (UNet bf16 alone 3.5 GB).
 //
 // Usage: bench_unet [--threads N] [--reps N] [--skip-fp32] [--latent N] [--only unet|vae] [--attention-budget
-// SCORES] [--attention]   (--attention: only the attention table, core::attention at this process's
-// tier against the chunked path; VOKEN_CPU=avx2|avx512|avx512_bf16 chooses a lower tier)
+// SCORES] [--kernels] [--attention]
+//   --kernels: only the table of packed products (convolutions, stride-2 convolutions, GEGLU and
+//   linear layers at SD 2.1's shapes) against libtorch, at the process's CPU tier; VOKEN_CPU=avx2,
+//   avx512 or avx512_bf16 forces a lower tier (and ONEDNN_MAX_CPU_ISA / OPENBLAS_CORETYPE make
+//   libtorch's side behave as on that CPU).
+//   --attention: only the attention table, core::attention at this process's tier against the
+//   chunked path (VOKEN_CPU chooses a lower tier).
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
@@ -69,6 +74,7 @@ using voken::core::group_norm;
 using voken::core::pack_geglu_weight;
 using voken::core::pack_gemm_weight;
 using voken::core::packed_conv2d;
+using voken::core::packed_conv2d_stride2;
 using voken::core::packed_gemm_supported;
 using voken::core::packed_linear;
 
@@ -304,25 +310,47 @@ void attention_kernels(int reps) {
   std::printf("  (load average %.1f)\n", voken::bench::load_average());
 }
 
-// ---- packed AMX products against oneDNN (--kernels) ----------------------------------------------
+// ---- packed products against libtorch (--kernels) --------------------------------------------------
 
 double conv_flops(int64_t b, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k);
 
+// The packed kernels run at the process's CPU tier (VOKEN_CPU=avx2|avx512|avx512_bf16 forces a
+// lower one). The reference is libtorch's bf16 product (oneDNN) where the tier has AVX-512, and its
+// float32 product (what eager libtorch reaches without bf16 instructions) at the avx2 tier. oneDNN
+// picks its own instruction set, not VOKEN_CPU's: ONEDNN_MAX_CPU_ISA (e.g. AVX2, AVX512_CORE)
+// and OPENBLAS_CORETYPE (e.g. Haswell) make libtorch behave as on the smaller CPU.
 void packed_kernels(int reps) {
   c10::InferenceMode guard;
+  const voken::core::CpuTier tier = voken::core::cpu_tier();
+  std::printf("CPU: %s\n", voken::core::cpu_summary().c_str());
   if (!packed_gemm_supported(32, 32, 3)) {
-    std::printf("packed kernels: no AMX-BF16 here\n");
+    std::printf("packed kernels: none at tier %s\n", voken::core::tier_name(tier));
     return;
   }
   auto generator = at::make_generator<at::CPUGeneratorImpl>(7);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  std::printf("packed AMX products vs oneDNN (bf16, min of %d, by CPU time per thread):\n", reps);
+  const bool reference_bf16 = tier >= voken::core::CpuTier::avx512;
+  const char* reference = reference_bf16 ? "libtorch bf16" : "libtorch fp32";
+  const auto ref_operand = [&](const at::Tensor& t) { return reference_bf16 ? t : t.to(at::kFloat); };
+  std::printf("packed products at tier %s vs %s (GFLOP/s by CPU time per thread, min of %d):\n",
+              voken::core::tier_name(tier), reference, reps);
+  // (libtorch's bf16 at::mm only where the tier has AVX-512: limited to AVX2 by ONEDNN_MAX_CPU_ISA,
+  // oneDNN refuses it, while a real AVX2 CPU would run libtorch's slow fallback loops.)
+  for (const auto dtype : {at::kBFloat16, at::kFloat}) {
+    if (dtype == at::kBFloat16 && !reference_bf16) continue;
+    const at::Tensor a = at::randn({2048, 2048}, generator, f32).to(dtype);
+    const double t = time_wall_cpu([&] { at::mm(a, a); }, reps).second;
+    std::printf("  at::mm %s 2048^3 (libtorch peak reference): %6.0f GFLOP/s\n", c10::toString(dtype),
+                2.0 * 2048 * 2048 * 2048 / t / 1e9);
+  }
   struct Conv {
-    int64_t batch, cin, cout, size, kernel;
+    int64_t batch, cin, cout, size, kernel, stride;
   };
-  for (const Conv& c : {Conv{2, 320, 320, 64, 3}, Conv{2, 640, 640, 32, 3}, Conv{2, 1280, 1280, 16, 3},
-                        Conv{2, 2560, 1280, 16, 3}, Conv{2, 1280, 1280, 8, 3}, Conv{2, 2560, 1280, 8, 3},
-                        Conv{2, 2560, 1280, 16, 1}, Conv{1, 512, 512, 128, 3}, Conv{1, 256, 256, 256, 3}}) {
+  for (const Conv& c :
+       {Conv{2, 320, 320, 64, 3, 1}, Conv{2, 640, 640, 32, 3, 1}, Conv{2, 1280, 1280, 16, 3, 1},
+        Conv{2, 2560, 1280, 16, 3, 1}, Conv{2, 1280, 1280, 8, 3, 1}, Conv{2, 2560, 1280, 8, 3, 1},
+        Conv{2, 2560, 1280, 16, 1, 1}, Conv{2, 320, 320, 64, 3, 2}, Conv{2, 640, 640, 32, 3, 2},
+        Conv{2, 1280, 1280, 16, 3, 2}, Conv{1, 512, 512, 128, 3, 1}}) {
     const at::Tensor x = at::randn({c.batch, c.cin, c.size, c.size}, generator, f32)
                              .to(at::kBFloat16)
                              .contiguous(at::MemoryFormat::ChannelsLast);
@@ -332,20 +360,22 @@ void packed_kernels(int reps) {
                              .contiguous(at::MemoryFormat::ChannelsLast);
     const at::Tensor bias = at::randn({c.cout}, generator, f32).to(at::kBFloat16);
     const auto packed = pack_gemm_weight(w, bias);
-    const int64_t pad = (c.kernel - 1) / 2;
-    const double flops = conv_flops(c.batch, c.size, c.size, c.cin, c.cout, c.kernel);
-    const double t_packed = time_wall_cpu([&] { packed_conv2d(x, *packed); }, reps).second;
-    const double t_onednn = time_wall_cpu([&] { at::conv2d(x, w, bias, 1, pad); }, reps).second;
+    const int64_t pad = (c.kernel - 1) / 2, out = c.stride == 2 ? c.size / 2 : c.size;
+    const double flops = conv_flops(c.batch, out, out, c.cin, c.cout, c.kernel);
+    const auto run_packed = [&] {
+      return c.stride == 2 ? packed_conv2d_stride2(x, *packed, 1, 1) : packed_conv2d(x, *packed);
+    };
+    const at::Tensor xr = ref_operand(x), wr = ref_operand(w), br = ref_operand(bias);
+    const auto run_reference = [&] { return at::conv2d(xr, wr, br, c.stride, pad); };
+    const double t_packed = time_wall_cpu([&] { run_packed(); }, reps).second;
+    const double t_reference = time_wall_cpu([&] { run_reference(); }, reps).second;
     const double err =
-        (packed_conv2d(x, *packed).to(at::kFloat) - at::conv2d(x, w, bias, 1, pad).to(at::kFloat))
-            .abs()
-            .max()
-            .item<double>();
+        (run_packed().to(at::kFloat) - run_reference().to(at::kFloat)).abs().max().item<double>();
     std::printf(
-        "  conv %ldx%ld %4ld->%4ld %2ldx%-3ld b%ld: packed %7.2f ms %5.0f GFLOP/s, oneDNN %7.2f ms %5.0f "
+        "  conv %ldx%ld/%ld %4ld->%4ld %3ldx%-3ld b%ld: packed %7.2f ms %5.0f GFLOP/s, %s %7.2f ms %5.0f "
         "GFLOP/s  (max diff %.3f)\n",
-        c.kernel, c.kernel, c.cin, c.cout, c.size, c.size, c.batch, t_packed * 1e3, flops / t_packed / 1e9,
-        t_onednn * 1e3, flops / t_onednn / 1e9, err);
+        c.kernel, c.kernel, c.stride, c.cin, c.cout, c.size, c.size, c.batch, t_packed * 1e3,
+        flops / t_packed / 1e9, reference, t_reference * 1e3, flops / t_reference / 1e9, err);
   }
   struct Lin {
     int64_t m, k, n;
@@ -376,16 +406,18 @@ void packed_kernels(int reps) {
     const at::Tensor bias = at::randn({l.n}, generator, f32).to(at::kBFloat16);
     const auto packed = pack_gemm_weight(w, bias);
     const double flops = 2.0 * l.m * l.k * l.n;
+    const at::Tensor xr = ref_operand(x), wr = ref_operand(w), br = ref_operand(bias);
     const double t_packed = time_wall_cpu([&] { packed_linear(x, *packed); }, reps).second;
-    const double t_onednn = time_wall_cpu([&] { at::linear(x, w, bias); }, reps).second;
-    const double err = (packed_linear(x, *packed).to(at::kFloat) - at::linear(x, w, bias).to(at::kFloat))
+    const double t_reference = time_wall_cpu([&] { at::linear(xr, wr, br); }, reps).second;
+    const double err = (packed_linear(x, *packed).to(at::kFloat) - at::linear(xr, wr, br).to(at::kFloat))
                            .abs()
                            .max()
                            .item<double>();
     std::printf(
-        "  linear %5ldx%-5ld x %5ld:       packed %7.2f ms %5.0f GFLOP/s, oneDNN %7.2f ms %5.0f GFLOP/s  "
+        "  linear %5ldx%-5ld x %5ld:       packed %7.2f ms %5.0f GFLOP/s, %s %7.2f ms %5.0f GFLOP/s  "
         "(max diff %.3f)\n",
-        l.m, l.k, l.n, t_packed * 1e3, flops / t_packed / 1e9, t_onednn * 1e3, flops / t_onednn / 1e9, err);
+        l.m, l.k, l.n, t_packed * 1e3, flops / t_packed / 1e9, reference, t_reference * 1e3,
+        flops / t_reference / 1e9, err);
   }
 }
 

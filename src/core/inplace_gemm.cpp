@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "core/amx.h"
+#include "core/packed_gemm_kernels.h"
 #include "core/parallel.h"
 #include "core/simd_avx512.h"
 #include "core/work_ranges.h"
@@ -318,76 +319,16 @@ VOKEN_TARGET_AMX void pack_any(const at::Tensor& x, Problem& p, bf16_bits* packe
                       p.k_steps, packed, begin, end);
 }
 
-}  // namespace
-#endif
-
-bool inplace_gemm_supported(CpuTier tier) {
-#ifdef VOKEN_HAVE_AMX
-  return tier == CpuTier::amx && tier <= cpu_tier();
-#else
-  return false;
-#endif
-}
-
-std::vector<at::Tensor> inplace_linear_many(const at::Tensor& x, const std::vector<InplaceLinearJob>& jobs,
-                                            at::ScalarType out_dtype, CpuTier tier) {
-  if (!inplace_gemm_supported(tier))
-    throw ArgumentError(std::string("inplace_linear: no kernel for CPU tier ") + tier_name(tier) +
-                        " (this process runs at " + tier_name(cpu_tier()) + ")");
-  if (!x.defined() || x.dim() < 1 || !x.device().is_cpu() ||
-      (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16))
-    throw ArgumentError(
-        "inplace_linear: x must be a float32 or bfloat16 CPU tensor with at least one dimension");
-  if (out_dtype != at::kFloat && out_dtype != at::kBFloat16)
-    throw ArgumentError("inplace_linear: the output dtype must be float32 or bfloat16");
-  if (jobs.empty()) throw ArgumentError("inplace_linear: no weights given");
-  const int64_t k = x.size(-1);
-  for (const auto& job : jobs) {
-    const auto& w = job.weight;
-    if (!w.defined() || w.dim() != 2 || w.scalar_type() != at::kBFloat16 || !w.device().is_cpu() ||
-        (w.size(1) > 1 && w.stride(1) != 1) || w.stride(0) < w.size(1))
-      throw ArgumentError(
-          "inplace_linear: weights must be 2-D bfloat16 CPU tensors with unit stride along rows");
-    if (w.size(1) != k)
-      throw ArgumentError("inplace_linear: x has " + std::to_string(k) + " features, a weight expects " +
-                          std::to_string(w.size(1)));
-    if (job.bias.defined() && (job.bias.numel() != w.size(0) || !job.bias.device().is_cpu()))
-      throw ArgumentError("inplace_linear: a bias has " + std::to_string(job.bias.numel()) + " values for " +
-                          std::to_string(w.size(0)) + " outputs");
-    if (job.residual.defined()) {
-      auto expected = x.sizes().vec();
-      expected.back() = w.size(0);
-      if (!job.residual.sizes().equals(expected) || !job.residual.device().is_cpu() ||
-          (job.residual.scalar_type() != at::kFloat && job.residual.scalar_type() != at::kBFloat16))
-        throw ArgumentError(
-            "inplace_linear: the residual must be a float32 or bfloat16 CPU tensor of the output's shape");
-    }
-  }
-#ifdef VOKEN_HAVE_AMX
-  at::Tensor rows = x.reshape({-1, k});
-  if (rows.stride(1) != 1 || rows.stride(0) < k) rows = rows.contiguous();
-  const int64_t m = rows.size(0);
-  std::vector<at::Tensor> outputs;
-  auto out_shape = x.sizes().vec();
-  for (const auto& job : jobs) {
-    out_shape.back() = job.weight.size(0);
-    outputs.push_back(at::empty(out_shape, x.options().dtype(out_dtype)));
-  }
-  if (m == 0 || k == 0) {
-    for (size_t i = 0; i < jobs.size(); ++i) {
-      outputs[i].zero_();
-      if (jobs[i].bias.defined() && m > 0) outputs[i].add_(jobs[i].bias.to(out_dtype));
-      if (jobs[i].residual.defined()) outputs[i].add_(jobs[i].residual);
-    }
-    return outputs;
-  }
-
+// The AMX path: rows [m, k] (unit stride along k), outputs allocated.
+void amx_linear_many(const at::Tensor& rows, const std::vector<InplaceLinearJob>& jobs,
+                     std::vector<at::Tensor>& outputs, bool out_bf16) {
+  const int64_t m = rows.size(0), k = rows.size(1);
   Problem p;
   p.m = m;
   p.k = k;
   p.k_steps = (k + kStep - 1) / kStep;
   p.m_blocks = (m + 15) / 16;
-  p.out_bf16 = out_dtype == at::kBFloat16;
+  p.out_bf16 = out_bf16;
   // Packed x stays in L2 (2 MB per core here): beyond ~1 MB the inputs are split into passes
   // whose partial sums go through a float32 accumulator.
   const int64_t steps_per_pass = std::max<int64_t>(8, 1024 / p.m_blocks);
@@ -446,10 +387,170 @@ std::vector<at::Tensor> inplace_linear_many(const at::Tensor& x, const std::vect
     else
       run_units(p, ranges, 0, step_begin, step_end);
   }
-  return outputs;
-#else
-  throw ArgumentError("inplace_linear: not compiled with AMX support");
+}
+
+}  // namespace
 #endif
+
+namespace {
+
+// The vector tiers (avx512_bf16, avx512, avx2): x is copied once, rounded to bf16 (and widened to
+// float32 for the FMA tiers), into whole row tiles with K zero padded to whole steps; for each
+// task (a range of row tiles x a range of 32-row weight blocks) and K chunk, a block's weight rows
+// are read in place and transposed into the packed layout (or a float32 panel) in a per-thread,
+// L1-sized buffer, and the packed micro-kernel runs every row tile of the task against it. The
+// weights are never copied as a whole: each panel is 32 rows x one K chunk.
+void vector_linear_many(const gemm::VectorKernels& tier_kernels, const at::Tensor& rows,
+                        const std::vector<InplaceLinearJob>& jobs, std::vector<at::Tensor>& outputs,
+                        bool out_bf16) {
+  const int64_t m = rows.size(0), k = rows.size(1);
+  const gemm::VectorKernels kernels =
+      gemm::small_tiles_fit_better(tier_kernels, m) ? gemm::with_small_tiles(tier_kernels) : tier_kernels;
+  const int64_t t = kernels.tile_rows;
+  const int64_t k_steps = (k + gemm::kStepDepth - 1) / gemm::kStepDepth,
+                padded_k = k_steps * gemm::kStepDepth;
+  const int64_t tiles = (m + t - 1) / t;
+  at::Tensor copy = at::zeros({tiles * t, padded_k},
+                              rows.options().dtype(kernels.float_operands ? at::kFloat : at::kBFloat16));
+  copy.narrow(0, 0, m).narrow(1, 0, k).copy_(kernels.float_operands ? rows.to(at::kBFloat16) : rows);
+  gemm::RowTiles a;
+  a.tile_rows = t;
+  a.lda = padded_k;
+  a.tap_offset = {0};
+  a.tap_steps = a.k_steps = k_steps;
+  const char* base = static_cast<const char*>(copy.data_ptr());
+  for (int64_t i = 0; i < tiles; ++i) a.tiles.push_back(base + i * t * padded_k * copy.element_size());
+
+  struct Unit {
+    const gemm::bf16_bits* weight;
+    int64_t ldw, rows, n0;
+    size_t job;
+  };
+  std::vector<Unit> units;
+  std::vector<gemm::InplaceOutput> outs(jobs.size());
+  std::vector<at::Tensor> keep_alive;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const at::Tensor& w = jobs[i].weight;
+    const int64_t n = w.size(0);
+    gemm::InplaceOutput& o = outs[i];
+    if (jobs[i].bias.defined()) {
+      keep_alive.push_back(jobs[i].bias.to(at::kFloat).contiguous());
+      o.bias = keep_alive.back().data_ptr<float>();
+    }
+    o.activation = jobs[i].activation;
+    o.out = outputs[i].data_ptr();
+    o.ldo = n;
+    o.out_bf16 = out_bf16;
+    o.m = m;
+    o.n = n;
+    if (jobs[i].residual.defined()) {
+      at::Tensor residual = jobs[i].residual.reshape({m, n});
+      if (residual.stride(1) != 1 && n > 1) residual = residual.contiguous();
+      keep_alive.push_back(residual);
+      o.residual = residual.data_ptr();
+      o.residual_bf16 = residual.scalar_type() == at::kBFloat16;
+      o.ld_residual = residual.stride(0);
+    }
+    const auto* weight = reinterpret_cast<const gemm::bf16_bits*>(w.data_ptr<at::BFloat16>());
+    for (int64_t n0 = 0; n0 < n; n0 += gemm::kBlockColumns)
+      units.push_back(
+          {weight + n0 * w.stride(0), w.stride(0), std::min<int64_t>(gemm::kBlockColumns, n - n0), n0, i});
+  }
+  const int64_t chunks = (k_steps + kernels.chunk_steps - 1) / kernels.chunk_steps;
+  const gemm::Plan plan = gemm::make_plan(tiles, static_cast<int64_t>(units.size()), k_steps,
+                                          (k_steps + chunks - 1) / chunks, std::max<int64_t>(1, 512 / t), 1);
+  gemm::GemmSource source;
+  source.panel_bytes = plan.chunk_steps * gemm::kStepElements * (kernels.float_operands ? 4 : 2);
+  source.panel = [&](int64_t block, int64_t s0, int64_t s1, void* scratch) -> const void* {
+    const Unit& u = units[static_cast<size_t>(block)];
+    kernels.pack_rows(u.weight, u.ldw, u.rows, s0 * gemm::kStepDepth, std::min(k, s1 * gemm::kStepDepth),
+                      scratch);
+    return scratch;
+  };
+  source.weights = [&](int64_t block, int64_t s0, int64_t s1) {
+    const Unit& u = units[static_cast<size_t>(block)];
+    gemm::WeightRange range;
+    range.base = u.weight + s0 * gemm::kStepDepth;
+    range.row_bytes = (std::min(k, s1 * gemm::kStepDepth) - s0 * gemm::kStepDepth) * 2;
+    range.rows = u.rows;
+    range.stride_bytes = u.ldw * 2;
+    return range;
+  };
+  gemm::run_vector_gemm(kernels, a, plan, source, [&](const float* c, int64_t tile, int64_t block) {
+    const Unit& u = units[static_cast<size_t>(block)];
+    kernels.store_inplace(outs[u.job], c, tile * t, t, u.n0);
+  });
+}
+
+}  // namespace
+
+bool inplace_gemm_supported(CpuTier tier) {
+  if (tier > cpu_tier()) return false;
+#ifdef VOKEN_HAVE_AMX
+  if (tier == CpuTier::amx) return true;
+#endif
+  return gemm::vector_kernels(tier) != nullptr;
+}
+
+std::vector<at::Tensor> inplace_linear_many(const at::Tensor& x, const std::vector<InplaceLinearJob>& jobs,
+                                            at::ScalarType out_dtype, CpuTier tier) {
+  if (!inplace_gemm_supported(tier))
+    throw ArgumentError(std::string("inplace_linear: no kernel for CPU tier ") + tier_name(tier) +
+                        " (this process runs at " + tier_name(cpu_tier()) + ")");
+  if (!x.defined() || x.dim() < 1 || !x.device().is_cpu() ||
+      (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16))
+    throw ArgumentError(
+        "inplace_linear: x must be a float32 or bfloat16 CPU tensor with at least one dimension");
+  if (out_dtype != at::kFloat && out_dtype != at::kBFloat16)
+    throw ArgumentError("inplace_linear: the output dtype must be float32 or bfloat16");
+  if (jobs.empty()) throw ArgumentError("inplace_linear: no weights given");
+  const int64_t k = x.size(-1);
+  for (const auto& job : jobs) {
+    const auto& w = job.weight;
+    if (!w.defined() || w.dim() != 2 || w.scalar_type() != at::kBFloat16 || !w.device().is_cpu() ||
+        (w.size(1) > 1 && w.stride(1) != 1) || w.stride(0) < w.size(1))
+      throw ArgumentError(
+          "inplace_linear: weights must be 2-D bfloat16 CPU tensors with unit stride along rows");
+    if (w.size(1) != k)
+      throw ArgumentError("inplace_linear: x has " + std::to_string(k) + " features, a weight expects " +
+                          std::to_string(w.size(1)));
+    if (job.bias.defined() && (job.bias.numel() != w.size(0) || !job.bias.device().is_cpu()))
+      throw ArgumentError("inplace_linear: a bias has " + std::to_string(job.bias.numel()) + " values for " +
+                          std::to_string(w.size(0)) + " outputs");
+    if (job.residual.defined()) {
+      auto expected = x.sizes().vec();
+      expected.back() = w.size(0);
+      if (!job.residual.sizes().equals(expected) || !job.residual.device().is_cpu() ||
+          (job.residual.scalar_type() != at::kFloat && job.residual.scalar_type() != at::kBFloat16))
+        throw ArgumentError(
+            "inplace_linear: the residual must be a float32 or bfloat16 CPU tensor of the output's shape");
+    }
+  }
+  at::Tensor rows = x.reshape({-1, k});
+  if (rows.stride(1) != 1 || rows.stride(0) < k) rows = rows.contiguous();
+  const int64_t m = rows.size(0);
+  std::vector<at::Tensor> outputs;
+  auto out_shape = x.sizes().vec();
+  for (const auto& job : jobs) {
+    out_shape.back() = job.weight.size(0);
+    outputs.push_back(at::empty(out_shape, x.options().dtype(out_dtype)));
+  }
+  if (m == 0 || k == 0) {
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      outputs[i].zero_();
+      if (jobs[i].bias.defined() && m > 0) outputs[i].add_(jobs[i].bias.to(out_dtype));
+      if (jobs[i].residual.defined()) outputs[i].add_(jobs[i].residual);
+    }
+    return outputs;
+  }
+#ifdef VOKEN_HAVE_AMX
+  if (tier == CpuTier::amx) {
+    amx_linear_many(rows, jobs, outputs, out_dtype == at::kBFloat16);
+    return outputs;
+  }
+#endif
+  vector_linear_many(*gemm::vector_kernels(tier), rows, jobs, outputs, out_dtype == at::kBFloat16);
+  return outputs;
 }
 
 at::Tensor inplace_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,

@@ -14,9 +14,14 @@
 // the way out, where bias, activation and the output rounding happen too (and an optional
 // residual is added, so that x + f(x) is rounded once).
 //
+// Vector tiers (avx512_bf16, avx512, avx2): x is copied once (bf16-rounded; widened to float32 for
+// the FMA tiers) and each 32-row block of weights is transposed, one K chunk at a time, into a
+// per-thread L1-sized panel in the layout of the packed GEMM (core/packed_gemm.h), whose
+// micro-kernels then run every row tile of x against it. The panel is the only copy of the weights
+// (32 rows x one chunk), so a checkpoint's mapped weights are read in place there too.
+//
 // Several weights that share the same input (q/k/v, gate/up) can be computed in one call: x is
-// packed once and all their row blocks are handed out to the threads from one shared counter,
-// in one parallel region.
+// packed once and all their row blocks are handed out to the threads in one parallel region.
 //
 // Numerics: x is rounded to bf16 (round to nearest even), products and sums are float32, the
 // output is float32 or rounded once to bf16 after bias, activation and residual.

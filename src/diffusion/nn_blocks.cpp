@@ -6,6 +6,8 @@
 #include <cmath>
 
 #include "core/attention.h"
+#include "core/cpu.h"
+#include "core/inplace_gemm.h"
 #include "core/norm_kernels.h"
 #include "core/packed_gemm.h"
 #include "voken/error.h"
@@ -82,14 +84,34 @@ Conv2d Conv2d::load(io::WeightLoader& weights, const std::string& prefix, int64_
   return conv;
 }
 
+namespace {
+
+// Whether bf16 products that the packed kernels do not take run in voken's own kernels instead of
+// libtorch's bf16 at::linear / at::conv2d (oneDNN, which repacks the weights per call, and which on
+// CPUs without AVX-512 is libtorch's slow reference loop).
+bool own_bf16_products() { return core::cpu_tier() >= core::CpuTier::avx2; }
+
+}  // namespace
+
 at::Tensor Conv2d::operator()(const at::Tensor& x) const {
-  if (packed && x.scalar_type() == at::kBFloat16) return core::packed_conv2d(x, *packed);
+  if (packed && x.scalar_type() == at::kBFloat16)
+    return stride == 2 ? core::packed_conv2d_stride2(x, *packed, padding, padding)
+                       : core::packed_conv2d(x, *packed);
   if (!weight.defined()) throw ArgumentError("Conv2d: packed bfloat16 weights need a bfloat16 input");
+  if (x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 && own_bf16_products()) {
+    // Shapes the packed kernels do not take (conv_in/conv_out with 3-8 channels, quant convs):
+    // small products, computed in float32 on the bf16 values and rounded once, as oneDNN's bf16
+    // convolution rounds.
+    const at::Tensor y =
+        at::conv2d(x.to(at::kFloat), weight.to(at::kFloat),
+                   bias.defined() ? bias.to(at::kFloat) : at::Tensor(), {stride, stride}, {padding, padding});
+    return y.to(at::kBFloat16);
+  }
   return at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
 }
 
 at::Tensor Conv2d::operator()(const at::Tensor& x, const at::Tensor& residual) const {
-  if (packed && x.scalar_type() == at::kBFloat16 && residual.scalar_type() == at::kBFloat16)
+  if (packed && stride == 1 && x.scalar_type() == at::kBFloat16 && residual.scalar_type() == at::kBFloat16)
     return core::packed_conv2d(x, *packed, residual);
   return (*this)(x).add_(residual);
 }
@@ -97,7 +119,10 @@ at::Tensor Conv2d::operator()(const at::Tensor& x, const at::Tensor& residual) c
 bool Conv2d::pack() {
   if (packed || !weight.defined() || weight.scalar_type() != at::kBFloat16 || weight.dim() != 4) return false;
   const int64_t kernel = weight.size(2);
-  if (stride != 1 || weight.size(3) != kernel || padding != (kernel - 1) / 2 ||
+  // Stride 1 with "same" padding, or stride 2 with a 3x3 kernel (Downsample2D).
+  const bool same = stride == 1 && padding == (kernel - 1) / 2;
+  const bool downsample = stride == 2 && kernel == 3 && padding >= 0 && padding <= 1;
+  if (weight.size(3) != kernel || !(same || downsample) ||
       !core::packed_gemm_supported(weight.size(0), weight.size(1), kernel))
     return false;
   packed = core::pack_gemm_weight(weight, bias);
@@ -125,6 +150,11 @@ Linear Linear::load_pointwise_conv(io::WeightLoader& weights, const std::string&
 at::Tensor Linear::operator()(const at::Tensor& x) const {
   if (packed && x.scalar_type() == at::kBFloat16) return core::packed_linear(x, *packed);
   if (!weight.defined()) throw ArgumentError("Linear: packed bfloat16 weights need a bfloat16 input");
+  // Unpacked bf16 weights (widths that are no multiple of 32, the time embedding, packing turned
+  // off): voken's in-place kernel, which reads the weights where they are.
+  if (x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 && weight.stride(-1) == 1 &&
+      own_bf16_products() && core::inplace_gemm_supported())
+    return core::inplace_linear(x, weight, bias, at::kBFloat16);
   return at::linear(x, weight, bias);
 }
 
@@ -277,6 +307,9 @@ Downsample2D Downsample2D::load(io::WeightLoader& weights, const std::string& pr
 
 at::Tensor Downsample2D::operator()(const at::Tensor& x) const {
   if (!pad_right_bottom) return conv(x);
+  // The asymmetric padding folded into the packed convolution's padded copy.
+  if (conv.packed && x.scalar_type() == at::kBFloat16)
+    return core::packed_conv2d_stride2(x, *conv.packed, 0, 1);
   return conv(at::constant_pad_nd(x, {0, 1, 0, 1}, 0));
 }
 

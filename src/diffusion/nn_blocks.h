@@ -47,9 +47,11 @@ struct ComputeOptions {
   // tokens go through the feed-forward in row chunks of this size, which keeps the intermediate
   // in cache and out of mmap'd (page-faulting) allocations.
   int64_t feed_forward_chunk_bytes = int64_t{8} << 20;
-  // Read when a model is built: bfloat16 linear layers and stride-1 convolutions get their weights
-  // packed for the AMX kernels of core/packed_gemm.h when the CPU has AMX-BF16 and the shapes fit (the
-  // plain weights are then released); otherwise, or when false, they run through oneDNN.
+  // Read when a model is built: bfloat16 linear layers, stride-1 convolutions and stride-2 3x3
+  // convolutions get their weights packed for the kernels of core/packed_gemm.h when the CPU tier
+  // is avx2 or above and the shapes fit (the plain weights are then released). Otherwise, or when
+  // false, bf16 linear layers run in core/inplace_gemm.h (weights read in place) and convolutions
+  // in float32 through at::conv2d (at the generic tier: libtorch's bf16 ops).
   bool packed_weights = true;
 };
 
@@ -68,8 +70,9 @@ struct Conv2d {
   at::Tensor operator()(const at::Tensor& x) const;
   // conv(x) + residual (the output's shape and dtype), added before rounding when packed.
   at::Tensor operator()(const at::Tensor& x, const at::Tensor& residual) const;
-  // Packs a bfloat16 weight for core/packed_gemm.h when the CPU and the shape allow (stride 1, padding
-  // (k-1)/2) and releases the plain one; returns whether it did.
+  // Packs a bfloat16 weight for core/packed_gemm.h when the CPU and the shape allow (stride 1 with
+  // padding (k-1)/2, or a 3x3 kernel with stride 2 and padding 0 or 1) and releases the plain one;
+  // returns whether it did.
   bool pack();
   int64_t out_channels() const { return packed ? packed->out_features : weight.size(0); }
   int64_t in_channels() const { return packed ? packed->in_channels : weight.size(1); }

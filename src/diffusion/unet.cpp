@@ -7,6 +7,7 @@
 #include <set>
 #include <sstream>
 
+#include "core/inplace_gemm.h"
 #include "core/norm_kernels.h"
 #include "voken/error.h"
 
@@ -458,6 +459,9 @@ at::Tensor UNet2DCondition::project_time(const at::Tensor& emb) const {
   if (time_proj_weight_.scalar_type() == at::kBFloat16 && act.size(0) <= 8 &&
       core::has_few_rows_linear_bf16())
     return core::few_rows_linear_bf16(act.to(at::kFloat), time_proj_weight_, time_proj_bias_);
+  // CPUs without AVX-512 (no few-row kernel): the in-place GEMM, float32 out as above.
+  if (time_proj_weight_.scalar_type() == at::kBFloat16 && core::inplace_gemm_supported())
+    return core::inplace_linear(act, time_proj_weight_, time_proj_bias_, at::kFloat);
   return at::linear(act, time_proj_weight_, time_proj_bias_.to(act.scalar_type()));
 }
 

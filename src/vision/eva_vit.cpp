@@ -221,19 +221,21 @@ EvaVit::EvaVit(const EvaVitConfig& config, io::WeightLoader& weights) {
 
 at::Tensor EvaVit::block_forward(const Block& block, const at::Tensor& x) const {
   const int64_t batch = x.size(0), tokens = x.size(1);
-  // bf16 weights on an AMX CPU: the products run in core::inplace_linear (weights read in place, no
-  // per-call repacking as in at::linear/oneDNN), fc1's GELU and the residual additions are applied
-  // to the float32 sums before the single rounding, the LayerNorms run in core::layer_norm_bf16
-  // (float32 inside, rounded to bf16 as layer_norm_float32 rounds).
-  const bool amx = x.scalar_type() == at::kBFloat16 && block.qkv_weight.scalar_type() == at::kBFloat16 &&
-                   core::inplace_gemm_supported();
+  // bf16 weights on a CPU of tier avx2 or above: the products run in core::inplace_linear (weights
+  // read in place, no per-call repacking as in at::linear/oneDNN, no libtorch bf16 fallback loops on
+  // CPUs without AVX-512), fc1's GELU and the residual additions are applied to the float32 sums
+  // before the single rounding, the LayerNorms run in core::layer_norm_bf16 (float32 inside, rounded
+  // to bf16 as layer_norm_float32 rounds).
+  const bool own_kernels = x.scalar_type() == at::kBFloat16 &&
+                           block.qkv_weight.scalar_type() == at::kBFloat16 && core::inplace_gemm_supported();
   auto norm = [&](const at::Tensor& in, const at::Tensor& weight, const at::Tensor& bias) {
-    return amx ? core::layer_norm_bf16(in, weight, bias, eps_) : layer_norm_float32(in, weight, bias, eps_);
+    return own_kernels ? core::layer_norm_bf16(in, weight, bias, eps_)
+                       : layer_norm_float32(in, weight, bias, eps_);
   };
   // activation(in W^T + bias) + residual.
   auto linear = [&](const at::Tensor& in, const at::Tensor& weight, const at::Tensor& bias,
                     core::Activation activation, const at::Tensor& residual) {
-    if (amx) return core::inplace_linear(in, weight, bias, at::kBFloat16, activation, residual);
+    if (own_kernels) return core::inplace_linear(in, weight, bias, at::kBFloat16, activation, residual);
     auto y = at::linear(in, weight, bias);
     if (activation == core::Activation::GeluErf) y = at::gelu(y);  // exact erf GELU (nn.GELU)
     return residual.defined() ? residual + y : y;
@@ -283,8 +285,21 @@ at::Tensor EvaVit::forward(const at::Tensor& pixels) const {
   const int64_t batch = pixels.size(0);
   const auto input = pixels.to(patch_weight_.device(), patch_weight_.scalar_type());
   // [B, D, g, g] -> [B, g*g, D]
-  auto patches = at::conv2d(input, patch_weight_, patch_bias_, {patch_size_, patch_size_});
-  patches = patches.flatten(2).transpose(1, 2);
+  at::Tensor patches;
+  if (input.scalar_type() == at::kBFloat16 && input.device().is_cpu() && core::inplace_gemm_supported()) {
+    // The patch embedding (a stride = kernel convolution) is a product over the non-overlapping
+    // patches, each flattened (c, ky, kx) as the kernel [D, C, p, p] is: the in-place kernel
+    // instead of libtorch's bf16 convolution.
+    const at::Tensor rows = input.narrow(2, 0, grid_ * patch_size_)
+                                .narrow(3, 0, grid_ * patch_size_)
+                                .reshape({batch, in_channels_, grid_, patch_size_, grid_, patch_size_})
+                                .permute({0, 2, 4, 1, 3, 5})
+                                .reshape({batch, grid_ * grid_, -1});
+    patches = core::inplace_linear(rows, patch_weight_.reshape({width_, -1}), patch_bias_, at::kBFloat16);
+  } else {
+    patches = at::conv2d(input, patch_weight_, patch_bias_, {patch_size_, patch_size_});
+    patches = patches.flatten(2).transpose(1, 2);
+  }
   auto x = at::cat({cls_token_.expand({batch, 1, width_}), patches}, 1);
   if (pos_embed_.defined()) x = x + pos_embed_;
   for (const auto& block : blocks_) x = block_forward(block, x);

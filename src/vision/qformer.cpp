@@ -235,13 +235,15 @@ at::Tensor QFormer::forward(const at::Tensor& image_embeds) const {
     throw ArgumentError("Q-Former: image_embeds must be floating-point");
   const int64_t batch = image_embeds.size(0);
   const auto encoder = image_embeds.to(query_tokens_.device(), query_tokens_.scalar_type());
-  // bf16 weights on an AMX CPU: products in core::inplace_linear (no per-call weight repacking as in
-  // at::linear/oneDNN); the result is rounded to bf16 once, as at::linear's is.
-  const bool amx = query_tokens_.scalar_type() == at::kBFloat16 && query_tokens_.device().is_cpu() &&
-                   core::inplace_gemm_supported();
+  // bf16 weights on a CPU of tier avx2 or above: products in core::inplace_linear (no per-call
+  // weight repacking as in at::linear/oneDNN, and no libtorch bf16 fallback loops on CPUs without
+  // AVX-512); the result is rounded to bf16 once, as at::linear's is.
+  const bool own_kernels = query_tokens_.scalar_type() == at::kBFloat16 && query_tokens_.device().is_cpu() &&
+                           core::inplace_gemm_supported();
   auto linear = [&](const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-    return amx && weight.scalar_type() == at::kBFloat16 ? core::inplace_linear(x, weight, bias, at::kBFloat16)
-                                                        : at::linear(x, weight, bias);
+    return own_kernels && weight.scalar_type() == at::kBFloat16
+               ? core::inplace_linear(x, weight, bias, at::kBFloat16)
+               : at::linear(x, weight, bias);
   };
   auto h = layer_norm(query_tokens_.expand({batch, num_queries_, hidden_}), embed_norm_weight_,
                       embed_norm_bias_, eps_);

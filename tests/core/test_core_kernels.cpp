@@ -1,13 +1,6 @@
-// The core kernels: the parallel loops (core/parallel.h), and the AMX-BF16 linear kernel
-// (core/amx_gemm.h) against at::linear in float64 on the same
-// bf16-rounded inputs, over shapes that exercise every edge: token counts that are no multiple
-// of 16 or 32, weight rows that leave partial 16/32-row blocks, row lengths that are no multiple
-// of 32, strided weights, several weights in one call, inputs split into several passes, bias,
-// activations, float32 and bf16 inputs and outputs.
-//
-// Tolerance: the kernel rounds x to bf16 (as the reference does here), multiplies exactly and
-// sums in float32 (K / 2 sequential pair additions per output in the worst case), so
-//   |y - ref| <= K * 2^-24 * (|x| |W|^T)  (+ 2^-8 |ref| when the output is rounded to bf16).
+// The core parallel loops (core/parallel.h) and the bf16 LayerNorm. The kernels have their own
+// suites, each over every CPU tier: test_packed_gemm, test_inplace_gemm, test_attention, test_gemv,
+// test_norm_kernels.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <gtest/gtest.h>
@@ -22,7 +15,6 @@
 #include <thread>
 #include <vector>
 
-#include "core/inplace_gemm.h"
 #include "core/norm_kernels.h"
 #include "core/parallel.h"
 #include "voken/error.h"
@@ -102,124 +94,6 @@ at::Tensor reference(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   if (activation == Activation::GeluErf) y = at::gelu(y);
   if (activation == Activation::GeluTanh) y = at::gelu(y, "tanh");
   return y;
-}
-
-// Passes when every element is within the bound above; reports the worst ratio otherwise.
-void expect_close(const at::Tensor& got, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
-                  Activation activation, const std::string& what) {
-  const auto ref = reference(x, w, bias, activation);
-  const auto magnitude = at::linear(x.to(at::kBFloat16).to(at::kDouble).abs(), w.to(at::kDouble).abs());
-  auto bound = magnitude * (static_cast<double>(w.size(1)) * std::ldexp(1.0, -24)) + 1e-30;
-  if (got.scalar_type() == at::kBFloat16) bound = bound + ref.abs() * std::ldexp(1.0, -8);
-  // GELU's slope is at most 1.13 in magnitude, and the kernel's GELU itself is good to ~1e-7.
-  if (activation != Activation::None) bound = bound * 1.13 + 1e-6;
-  ASSERT_EQ(got.sizes(), ref.sizes()) << what;
-  const auto ratio = ((got.to(at::kDouble) - ref).abs() / bound).max().item<double>();
-  EXPECT_LE(ratio, 1.0) << what << ": error reaches " << ratio << " x the bound";
-}
-
-class AmxGemm : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (!inplace_gemm_supported())
-      GTEST_SKIP() << "this CPU/OS offers no AMX-BF16; the kernel is not used here";
-  }
-};
-
-TEST_F(AmxGemm, MatchesFloat64AcrossShapes) {
-  at::manual_seed(3);
-  for (int64_t m : {1, 5, 16, 17, 33, 130}) {
-    for (int64_t n : {16, 32, 40, 77}) {
-      for (int64_t k : {32, 64, 100, 1408}) {
-        const auto x = at::randn({m, k});
-        const auto w = (at::randn({n, k}) * 0.1).to(at::kBFloat16);
-        const auto bias = at::randn({n});
-        const std::string what =
-            "m " + std::to_string(m) + " n " + std::to_string(n) + " k " + std::to_string(k);
-        expect_close(inplace_linear(x, w), x, w, {}, Activation::None, what);
-        expect_close(inplace_linear(x, w, bias, at::kBFloat16), x, w, bias, Activation::None,
-                     what + " bf16 out");
-      }
-    }
-  }
-}
-
-TEST_F(AmxGemm, SeveralPassesOverLongRows) {
-  // 13 token blocks: passes of 78 steps of 32 inputs, so 2600 inputs take two passes.
-  at::manual_seed(4);
-  for (int64_t k : {2600, 5000}) {
-    const auto x = at::randn({200, k}).to(at::kBFloat16);
-    const auto w = (at::randn({72, k}) * 0.05).to(at::kBFloat16);
-    const auto bias = at::randn({72});
-    expect_close(inplace_linear(x, w, bias), x, w, bias, Activation::None, "k " + std::to_string(k));
-    expect_close(inplace_linear(x, w, bias, at::kBFloat16, Activation::GeluErf), x, w, bias,
-                 Activation::GeluErf, "gelu k " + std::to_string(k));
-  }
-}
-
-TEST_F(AmxGemm, StridedWeightsBatchedInputAndActivations) {
-  at::manual_seed(5);
-  const auto big = (at::randn({100, 200}) * 0.1).to(at::kBFloat16);
-  const auto w = big.narrow(0, 3, 64).narrow(1, 10, 160);  // row stride 200
-  const auto x = at::randn({2, 37, 160});
-  const auto bias = at::randn({64}).to(at::kBFloat16);
-  for (auto activation : {Activation::None, Activation::GeluErf, Activation::GeluTanh}) {
-    const auto y = inplace_linear(x, w, bias, at::kFloat, activation);
-    ASSERT_EQ(y.sizes(), at::IntArrayRef({2, 37, 64}));
-    expect_close(y.reshape({74, 64}), x.reshape({74, 160}), w, bias, activation, "strided");
-  }
-}
-
-TEST_F(AmxGemm, SeveralWeightsInOneCall) {
-  at::manual_seed(6);
-  const auto x = at::randn({45, 96});
-  std::vector<InplaceLinearJob> jobs;
-  for (int64_t n : {96, 48, 48, 7})
-    jobs.push_back({(at::randn({n, 96}) * 0.1).to(at::kBFloat16), at::randn({n}), Activation::None, {}});
-  jobs[1].activation = Activation::GeluErf;
-  for (int threads : {1, 2}) {
-    at::set_num_threads(threads);
-    const auto ys = inplace_linear_many(x, jobs, at::kFloat);
-    ASSERT_EQ(ys.size(), jobs.size());
-    for (size_t i = 0; i < jobs.size(); ++i)
-      expect_close(ys[i], x, jobs[i].weight, jobs[i].bias, jobs[i].activation, "job " + std::to_string(i));
-  }
-}
-
-TEST_F(AmxGemm, ResidualIsAddedBeforeTheRounding) {
-  at::manual_seed(8);
-  const auto x = at::randn({3, 50, 64});
-  const auto w = (at::randn({40, 64}) * 0.1).to(at::kBFloat16);
-  const auto bias = at::randn({40});
-  for (auto dtype : {at::kFloat, at::kBFloat16}) {
-    const auto residual = at::randn({3, 50, 40}).to(dtype);
-    const auto got = inplace_linear(x, w, bias, at::kBFloat16, Activation::GeluErf, residual);
-    // Reference: float64 of the same bf16-rounded x, the residual added, then one bf16 rounding.
-    const auto ref =
-        at::gelu(at::linear(x.to(at::kBFloat16).to(at::kDouble), w.to(at::kDouble), bias.to(at::kDouble))) +
-        residual.to(at::kDouble);
-    const auto bound = at::linear(x.to(at::kBFloat16).to(at::kDouble).abs(), w.to(at::kDouble).abs()) *
-                           (64 * std::ldexp(1.0, -24) * 1.13) +
-                       ref.abs() * std::ldexp(1.0, -8) + 1e-6;
-    EXPECT_LE(((got.to(at::kDouble) - ref).abs() / bound).max().item<double>(), 1.0) << c10::toString(dtype);
-  }
-  EXPECT_THROW(inplace_linear(x, w, bias, at::kFloat, Activation::None, at::randn({3, 50, 41})),
-               ArgumentError);
-}
-
-TEST_F(AmxGemm, EmptyInputGivesEmptyOutput) {
-  const auto w = at::ones({8, 32}, at::kBFloat16);
-  EXPECT_EQ(inplace_linear(at::zeros({0, 32}), w).sizes(), at::IntArrayRef({0, 8}));
-}
-
-TEST_F(AmxGemm, RejectsBadArguments) {
-  const auto x = at::randn({4, 32});
-  EXPECT_THROW(inplace_linear(x, at::randn({8, 32})), ArgumentError);                    // float32 weight
-  EXPECT_THROW(inplace_linear(x, at::randn({8, 16}).to(at::kBFloat16)), ArgumentError);  // K mismatch
-  EXPECT_THROW(inplace_linear(x, at::randn({8, 32}).to(at::kBFloat16).t().contiguous().t()), ArgumentError);
-  EXPECT_THROW(inplace_linear(x, at::randn({8, 32}).to(at::kBFloat16), at::randn({7})), ArgumentError);
-  EXPECT_THROW(inplace_linear(x.to(at::kDouble), at::randn({8, 32}).to(at::kBFloat16)), ArgumentError);
-  EXPECT_THROW(inplace_linear(x, at::randn({8, 32}).to(at::kBFloat16), {}, at::kDouble), ArgumentError);
 }
 
 // layer_norm_bf16 equals at::layer_norm in float32 rounded to bf16, up to one bf16 step where the

@@ -34,13 +34,7 @@ using core::geglu;
 using core::group_norm;
 using core::group_norm_;
 using core::layer_norm;
-using core::pack_geglu_weight;
-using core::pack_gemm_weight;
-using core::packed_conv2d;
 using core::packed_gemm_supported;
-using core::packed_linear;
-using core::packed_linear_into;
-using core::unpack_gemm_weight;
 
 using io::Json;
 using test::TempDir;
@@ -489,165 +483,12 @@ TEST(TinyVae, DeprecatedAttentionNamesAndConvShapesLoadTheSame) {
   expect_argument_error([&] { posterior.sample(at::zeros({1, 4, 6, 9})); }, "noise");
 }
 
-// ---- packed AMX products ----------------------------------------------------------------------
-
-// float64 reference of a bfloat16 product, and the tolerance of one bfloat16 rounding of it.
-double bf16_tolerance(const at::Tensor& reference) {
-  return 0.008 * reference.abs().max().item<double>() + 1e-3;
-}
-
-TEST(PackedGemm, SupportedShapesAndPackingRoundTrip) {
-  auto generator = at::make_generator<at::CPUGeneratorImpl>(21);
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  if (!(core::cpu_tier() == core::CpuTier::amx)) {
-    EXPECT_FALSE(packed_gemm_supported(64, 64, 3));
-    EXPECT_THROW(pack_gemm_weight(at::zeros({64, 64}), at::Tensor()), ArgumentError);
-    GTEST_SKIP() << "no AMX-BF16 on this CPU: the packed kernels are not exercised";
-  }
-  EXPECT_TRUE(packed_gemm_supported(64, 96, 1));
-  EXPECT_TRUE(packed_gemm_supported(32, 32, 3));
-  EXPECT_FALSE(packed_gemm_supported(48, 64, 1));  // N not a multiple of 32
-  EXPECT_FALSE(packed_gemm_supported(64, 4, 3));   // conv_in's 4 channels
-  EXPECT_FALSE(packed_gemm_supported(64, 64, 5));
-  EXPECT_THROW(pack_gemm_weight(at::zeros({48, 64}), at::Tensor()), ArgumentError);
-  EXPECT_THROW(pack_gemm_weight(at::zeros({64, 64}), at::zeros({3})), ArgumentError);
-  const at::Tensor linear = at::randn({96, 64}, generator, f32).to(at::kBFloat16);
-  EXPECT_TRUE(test::bit_equal(unpack_gemm_weight(*pack_gemm_weight(linear, at::Tensor())), linear));
-  // Convolution kernels in either memory order pack as [N, (ky, kx, c)].
-  const at::Tensor conv = at::randn({64, 32, 3, 3}, generator, f32).to(at::kBFloat16);
-  const at::Tensor as_matrix = conv.permute({0, 2, 3, 1}).reshape({64, -1});
-  EXPECT_TRUE(test::bit_equal(unpack_gemm_weight(*pack_gemm_weight(conv, at::Tensor())), as_matrix));
-  EXPECT_TRUE(test::bit_equal(
-      unpack_gemm_weight(*pack_gemm_weight(conv.contiguous(at::MemoryFormat::ChannelsLast), at::Tensor())),
-      as_matrix));
-}
-
-TEST(PackedGemm, LinearMatchesFloat64ForAnyRowCountStrideAndResidual) {
-  if (!(core::cpu_tier() == core::CpuTier::amx)) GTEST_SKIP() << "no AMX-BF16 on this CPU";
-  auto generator = at::make_generator<at::CPUGeneratorImpl>(22);
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  const auto bf16 = [&](std::vector<int64_t> sizes) {
-    return at::randn(sizes, generator, f32).to(at::kBFloat16);
-  };
-  // Row counts around the 16-row tiles and 32-row blocks, depths of 1-3 (and 20) steps, widths
-  // of 1-3 (and 40) blocks: one task, several tasks, chunked reduction (K of 20 steps = 640 > 2 x
-  // 16 steps).
-  for (const auto& [k, n] :
-       std::vector<std::pair<int64_t, int64_t>>{{32, 32}, {96, 64}, {640, 96}, {64, 1280}}) {
-    const at::Tensor w = bf16({n, k}) / std::sqrt(static_cast<double>(k));
-    const at::Tensor b = bf16({n});
-    const auto packed = pack_gemm_weight(w, b);
-    for (const int64_t m : {1, 15, 16, 17, 33, 100}) {
-      const at::Tensor x = bf16({m, k});
-      const at::Tensor ref = at::linear(x.to(at::kDouble), w.to(at::kDouble), b.to(at::kDouble));
-      const at::Tensor y = packed_linear(x, *packed);
-      EXPECT_EQ(y.scalar_type(), at::kBFloat16);
-      EXPECT_EQ(y.sizes(), ref.sizes());
-      EXPECT_LT(max_abs_diff(y, ref), bf16_tolerance(ref)) << "m " << m << " k " << k << " n " << n;
-      // Rows with a stride (a view into a wider tensor, like q of a fused qkv product), batched.
-      const at::Tensor wide = bf16({m, k + 64});
-      const at::Tensor strided = wide.narrow(1, 32, k);
-      const at::Tensor ref_strided =
-          at::linear(strided.to(at::kDouble), w.to(at::kDouble), b.to(at::kDouble));
-      EXPECT_LT(max_abs_diff(packed_linear(strided, *packed), ref_strided), bf16_tolerance(ref_strided));
-      // + residual, with one rounding; and in place into an accumulator.
-      const at::Tensor residual = bf16({m, n});
-      const at::Tensor ref_res = ref + residual.to(at::kDouble);
-      EXPECT_LT(max_abs_diff(packed_linear(x, *packed, residual), ref_res), bf16_tolerance(ref_res));
-      at::Tensor accumulator = residual.clone();
-      packed_linear_into(x, *packed, accumulator);
-      EXPECT_TRUE(test::bit_equal(accumulator, packed_linear(x, *packed, residual)));
-    }
-  }
-  // Leading dimensions are kept; no bias.
-  const at::Tensor w = bf16({64, 32});
-  const auto packed = pack_gemm_weight(w, at::Tensor());
-  const at::Tensor x = bf16({2, 3, 5, 32});
-  const at::Tensor y = packed_linear(x, *packed);
-  EXPECT_EQ(y.sizes(), (std::vector<int64_t>{2, 3, 5, 64}));
-  const at::Tensor ref = at::linear(x.to(at::kDouble), w.to(at::kDouble));
-  EXPECT_LT(max_abs_diff(y, ref), bf16_tolerance(ref));
-  // Bad input.
-  EXPECT_THROW(packed_linear(x.to(at::kFloat), *packed), ArgumentError);
-  EXPECT_THROW(packed_linear(bf16({4, 64}), *packed), ArgumentError);
-  EXPECT_THROW(packed_linear(bf16({4, 32}), *packed, bf16({4, 32})), ArgumentError);
-  at::Tensor wrong = bf16({5, 64});
-  EXPECT_THROW(packed_linear_into(bf16({4, 32}), *packed, wrong), ArgumentError);
-}
-
-TEST(PackedGemm, GegluProjectionMatchesFloat64) {
-  if (!(core::cpu_tier() == core::CpuTier::amx)) GTEST_SKIP() << "no AMX-BF16 on this CPU";
-  auto generator = at::make_generator<at::CPUGeneratorImpl>(25);
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  for (const auto& [k, inner] : std::vector<std::pair<int64_t, int64_t>>{{32, 16}, {64, 48}, {640, 128}}) {
-    const at::Tensor w =
-        (at::randn({2 * inner, k}, generator, f32) / std::sqrt(static_cast<double>(k))).to(at::kBFloat16);
-    const at::Tensor b = at::randn({2 * inner}, generator, f32).to(at::kBFloat16);
-    const at::Tensor x = at::randn({2, 37, k}, generator, f32).to(at::kBFloat16);
-    const at::Tensor projected = at::linear(x.to(at::kDouble), w.to(at::kDouble), b.to(at::kDouble));
-    const at::Tensor ref = projected.narrow(-1, 0, inner) * at::gelu(projected.narrow(-1, inner, inner));
-    const auto packed = pack_geglu_weight(w, b);
-    EXPECT_TRUE(packed->geglu);
-    EXPECT_EQ(packed->output_width(), inner);
-    const at::Tensor y = packed_linear(x, *packed);
-    EXPECT_EQ(y.sizes(), (std::vector<int64_t>{2, 37, inner}));
-    EXPECT_LT(max_abs_diff(y, ref), bf16_tolerance(ref)) << "k " << k << " inner " << inner;
-    EXPECT_THROW(packed_linear(x, *packed, y), ArgumentError);
-  }
-  EXPECT_THROW(pack_geglu_weight(at::zeros({40, 32}), at::Tensor()), ArgumentError);
-}
-
-TEST(PackedGemm, ConvolutionsMatchFloat64InBothLayouts) {
-  if (!(core::cpu_tier() == core::CpuTier::amx)) GTEST_SKIP() << "no AMX-BF16 on this CPU";
-  auto generator = at::make_generator<at::CPUGeneratorImpl>(23);
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  const auto bf16 = [&](std::vector<int64_t> sizes) {
-    return at::randn(sizes, generator, f32).to(at::kBFloat16);
-  };
-  struct Case {
-    int64_t batch, cin, cout, height, width, kernel;
-  };
-  // Image sizes whose padded rows do (8x8: 80 = 5 tiles) and do not (1x1, 3x5, 6x10) fill whole
-  // tiles; an odd tile count per image; enough channels for a chunked reduction (9 x 96 = 27 steps).
-  for (const Case& c : {Case{1, 32, 32, 1, 1, 3}, Case{2, 32, 64, 3, 5, 3}, Case{2, 64, 32, 6, 10, 3},
-                        Case{2, 96, 96, 8, 8, 3}, Case{3, 32, 32, 9, 7, 3}, Case{2, 64, 96, 6, 10, 1}}) {
-    const at::Tensor w =
-        bf16({c.cout, c.cin, c.kernel, c.kernel}) / std::sqrt(static_cast<double>(c.cin * 9));
-    const at::Tensor b = bf16({c.cout});
-    const auto packed = pack_gemm_weight(w, b);
-    const at::Tensor x = bf16({c.batch, c.cin, c.height, c.width});
-    const int64_t pad = (c.kernel - 1) / 2;
-    const at::Tensor ref = at::conv2d(x.to(at::kDouble), w.to(at::kDouble), b.to(at::kDouble), 1, pad);
-    const at::Tensor residual = bf16({c.batch, c.cout, c.height, c.width});
-    const at::Tensor ref_res = ref + residual.to(at::kDouble);
-    for (const bool channels_last : {true, false}) {
-      const at::Tensor in = channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
-      const at::Tensor y = packed_conv2d(in, *packed);
-      EXPECT_EQ(y.sizes(), ref.sizes());
-      EXPECT_EQ(y.is_contiguous(at::MemoryFormat::ChannelsLast),
-                channels_last || (c.height == 1 && c.width == 1));
-      EXPECT_LT(max_abs_diff(y, ref), bf16_tolerance(ref))
-          << c.cin << "->" << c.cout << " " << c.height << "x" << c.width << " k" << c.kernel << " cl "
-          << channels_last;
-      EXPECT_LT(max_abs_diff(packed_conv2d(in, *packed, residual), ref_res), bf16_tolerance(ref_res));
-      // Nearest 2x upsampling fused into the padded copy (Upsample2D).
-      const at::Tensor up = at::upsample_nearest2d(x.to(at::kDouble), {2 * c.height, 2 * c.width});
-      const at::Tensor ref_up = at::conv2d(up, w.to(at::kDouble), b.to(at::kDouble), 1, pad);
-      const at::Tensor y_up = packed_conv2d(in, *packed, at::Tensor(), /*upsample_2x=*/true);
-      EXPECT_EQ(y_up.sizes(), ref_up.sizes());
-      EXPECT_LT(max_abs_diff(y_up, ref_up), bf16_tolerance(ref_up))
-          << "upsampled " << c.height << "x" << c.width;
-    }
-  }
-  const auto packed = pack_gemm_weight(bf16({32, 32, 3, 3}), at::Tensor());
-  EXPECT_THROW(packed_conv2d(bf16({1, 16, 4, 4}), *packed), ArgumentError);
-  EXPECT_THROW(packed_conv2d(bf16({1, 32, 4, 4}), *packed, bf16({1, 32, 4, 5})), ArgumentError);
-}
+// ---- packed products in whole models (the kernels themselves: tests/core/test_packed_gemm.cpp) ----
 
 // A UNet and a VAE whose widths the packed kernels take: packed and oneDNN bfloat16 agree, and
 // both stay within the bfloat16 tolerance of float32.
 TEST(PackedGemm, PackedModelsMatchUnpackedOnes) {
-  if (!(core::cpu_tier() == core::CpuTier::amx)) GTEST_SKIP() << "no AMX-BF16 on this CPU";
+  if (!packed_gemm_supported(32, 32, 3)) GTEST_SKIP() << "no packed kernels at this CPU tier";
   Json unet_config = tiny_unet_config();
   unet_config["block_out_channels"] = {32, 64, 64};
   unet_config["norm_num_groups"] = 8;
