@@ -87,15 +87,6 @@ TEST(Parallel, ThreadCountOption) {
   set_intra_op_threads(0, "threads");
 }
 
-at::Tensor reference(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
-                     Activation activation) {
-  const auto x64 = x.to(at::kBFloat16).to(at::kDouble);
-  auto y = at::linear(x64, w.to(at::kDouble), bias.defined() ? bias.to(at::kDouble) : at::Tensor());
-  if (activation == Activation::GeluErf) y = at::gelu(y);
-  if (activation == Activation::GeluTanh) y = at::gelu(y, "tanh");
-  return y;
-}
-
 // layer_norm_bf16 equals at::layer_norm in float32 rounded to bf16, up to one bf16 step where the
 // float32 results differ in the last bits (different summation orders).
 TEST(Bf16Ops, LayerNormMatchesFloat32LayerNorm) {
