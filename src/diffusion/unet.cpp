@@ -455,8 +455,7 @@ at::Tensor UNet2DCondition::time_embedding(const at::Tensor& timestep, int64_t b
 
 at::Tensor UNet2DCondition::project_time(const at::Tensor& emb) const {
   const at::Tensor act = config_.resnet_skip_time_act ? emb : activate(emb, activation_);
-  if (time_proj_weight_.scalar_type() == at::kBFloat16 && act.size(0) <= 8 &&
-      core::has_few_rows_linear_bf16())
+  if (time_proj_weight_.scalar_type() == at::kBFloat16 && act.size(0) <= 8)
     return core::few_rows_linear_bf16(act.to(at::kFloat), time_proj_weight_, time_proj_bias_);
   return at::linear(act, time_proj_weight_, time_proj_bias_.to(act.scalar_type()));
 }
