@@ -51,9 +51,21 @@ inline void store(float* p, float v) { *p = v; }
 inline void store(bf16_bits* p, float v) { *p = float_to_bf16_bits(v); }
 
 // exp(x) with simd_avx512.h's exp16 range reduction and polynomial (about 1 ulp; inputs clamped to
-// [-87, 88], so 2^n stays a normal float32).
+// [-87, 88] as there, so 2^n stays a normal float32).
+//
+// Written so that GCC vectorizes loops that call it: no libm call, and no floating-point branch.
+// Clamping with two float comparisons lets GCC's jump threading split the loop body into paths
+// (the clamped ones fold to constants), and the float arithmetic left on the other path may trap
+// (-ftrapping-math), so it can no longer be if-converted: "control flow in loop". The clamp is
+// therefore an unsigned minimum of |x|'s bits (monotonic for non-negative floats) against the
+// bound of x's sign; a NaN comes out as a bound, as from the min/max of the vector versions.
 inline float exp_poly(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const uint32_t sign = bits & 0x80000000u;
+  const uint32_t limit = sign ? 0x42AE0000u : 0x42B00000u;  // 87.0f, 88.0f
+  const uint32_t clamped = std::min(bits & 0x7FFFFFFFu, limit) | sign;
+  std::memcpy(&x, &clamped, sizeof x);
   // Round to nearest by adding and removing 1.5 * 2^23 (exact here: |x log2 e| < 2^22); nearbyint
   // would be a libm call on the x86-64 baseline.
   constexpr float kRoundingShift = 12582912.0f;
@@ -67,15 +79,18 @@ inline float exp_poly(float x) {
   poly = poly * r + 1.6666665459e-1f;
   poly = poly * r + 5.0000001201e-1f;
   poly = (poly * r) * r + (r + 1.0f);
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  const uint32_t scale_bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
+  std::memcpy(&scale, &scale_bits, sizeof scale);
   return poly * scale;
 }
 
-// Exact-form GELU through erfc, as simd_avx512.h's gelu16.
+// Exact-form GELU through erfc, as simd_avx512.h's gelu16: with h = |x| erfc(|x| / sqrt 2) / 2,
+// GELU(x) = x - h for x >= 0 and -h for x < 0, i.e. max(x, 0) - h (a select of existing values,
+// which GCC if-converts; see exp_poly).
 inline float gelu_poly(float x) {
-  const float z = std::fabs(x) * 0.70710678118654752f;
+  const float abs_x = std::fabs(x);
+  const float z = abs_x * 0.70710678118654752f;
   const float t = 1.0f / (z * 0.5f + 1.0f);
   float p = 0.17087277f;
   p = p * t + -0.82215223f;
@@ -87,8 +102,8 @@ inline float gelu_poly(float x) {
   p = p * t + 0.37409196f;
   p = p * t + 1.00002368f;
   p = p * t + -1.26551223f;
-  const float half_x_erfc = 0.5f * x * (t * exp_poly(p - z * z));
-  return x < 0.0f ? half_x_erfc : x - half_x_erfc;
+  const float half_abs_x_erfc = 0.5f * abs_x * (t * exp_poly(p - z * z));
+  return std::max(x, 0.0f) - half_abs_x_erfc;
 }
 
 inline float silu_poly(float x) { return x / (1.0f + exp_poly(-x)); }
