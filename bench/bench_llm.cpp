@@ -247,15 +247,15 @@ GemvResult measure_gemv(const Options& options) {
   r.kernels = static_cast<int>(tiers.size());
   std::vector<at::Tensor> xs;
   for (const GemvShape& shape : kGemvShapes) xs.push_back(at::randn({1, shape.in}));
-  // Passes interleaved (the plain read, then every kernel on every shape, then again): on a shared
-  // machine the available bandwidth drifts over seconds, and each figure is its best pass.
+  // Passes interleaved (a plain read of the pool before every measurement): on a shared machine
+  // the available bandwidth drifts over seconds, and each figure is its best pass.
+  const std::vector<std::pair<const uint8_t*, std::size_t>> whole_pool = {
+      {reinterpret_cast<const uint8_t*>(bits), static_cast<std::size_t>(pool.nbytes())}};
   for (int pass = 0; pass < 5; ++pass) {
-    r.read = std::max(
-        r.read, read_bandwidth(
-                    {{reinterpret_cast<const uint8_t*>(bits), static_cast<std::size_t>(pool.nbytes())}}, 1));
     for (int k = 0; k < r.kernels; ++k) {
       r.tier[k] = tiers[k];
       for (int s = 0; s < kGemvShapeCount; ++s) {
+        r.read = std::max(r.read, read_bandwidth(whole_pool, 1));
         const GemvShape& shape = kGemvShapes[s];
         const int64_t values = shape.out * shape.in;
         const int64_t count = pool_values / values;
