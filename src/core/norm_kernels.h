@@ -32,8 +32,7 @@ void group_norm_(at::Tensor& x, int64_t groups, const at::Tensor& weight, const 
 
 // Over the last dimension. x: float32 or bfloat16 (made contiguous), weight, bias: [last dim] (any
 // float dtype). Returns x's dtype. Shifted one-pass sums (float32 runs, float64 across runs) and
-// y = x * (rstd w) + (b - mean rstd w): see layer_norm_bf16 for why the two do not share their
-// arithmetic.
+// y = x * (rstd w) + (b - mean rstd w): see layer_norm_bf16 for why the two layer norms stay two.
 at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
                       CpuTier tier = cpu_tier());
 
@@ -60,10 +59,12 @@ at::Tensor few_rows_linear_bf16(const at::Tensor& x, const at::Tensor& weight, c
 // ...).bfloat16() computes it: two-pass mean and variance, ((x - mean) rstd) w + b, rounded once to
 // bf16. weight/bias [C] of any float dtype, or undefined.
 //
-// Not merged with layer_norm: the two share the row driver but not the arithmetic, and either
-// arithmetic applied to the other would change results its parity goldens were accepted with (the
-// vision ones follow PyTorch's float32 LayerNorm: two passes, the affine applied after
-// normalising; the UNet one takes one shifted pass and folds mean, rstd and w into one FMA).
+// Not merged with layer_norm: the two share their dispatch and weight handling, not their
+// arithmetic, and either arithmetic applied to the other would change results its parity goldens
+// were accepted with. This one follows PyTorch's float32 LayerNorm on bf16 rows (two passes, the
+// affine applied after normalising, one rounding, strided rows); the UNet one takes one shifted
+// pass with float64 across runs and folds mean, rstd and w into one FMA per value, for float32 and
+// bf16 activations alike.
 at::Tensor layer_norm_bf16(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
                            CpuTier tier = cpu_tier());
 
