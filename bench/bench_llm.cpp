@@ -616,7 +616,8 @@ int main(int argc, char** argv) {
 
     std::printf("bench_llm: %d threads, prompt %d tokens, %d decode steps\n", options.threads, options.prompt,
                 options.decode);
-    std::printf("CPU: %s (VOKEN_CPU selects a lower tier)\n", voken::core::cpu_summary().c_str());
+    std::printf("CPU: %s%s\n", voken::core::cpu_summary().c_str(),
+                voken::core::cpu_info().forced ? "" : " (VOKEN_CPU=<tier> runs a lower one)");
     const DramResult dram = in_child<DramResult>("dram", [&] { return measure_dram(options); });
     std::printf("DRAM read bandwidth (1 GB buffer): %.2f GB/s with %d threads, %.2f GB/s with 1\n",
                 dram.bandwidth / 1e9, options.threads, dram.bandwidth_1thread / 1e9);
