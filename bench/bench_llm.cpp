@@ -12,7 +12,8 @@
 //              best of --repeat;
 //   decode   = --decode single-token steps after a prefill, median time per token;
 //   bandwidth= read rate of the very bytes one decode step reads (every layer matrix + lm_head),
-//              measured right before the decode with an AVX-512 streaming sum over them, same
+//              measured right before the decode with a streaming sum over them (AVX-512 where
+//              the CPU has it, whatever the tier), same
 //              thread count; bound = bytes_per_token / bandwidth; ratio = decode time / bound;
 //   peak RSS = VmHWM of the child, against the model's weight bytes.
 // A separate child first measures DRAM read bandwidth on a 1 GB anonymous buffer (reference).
@@ -21,10 +22,16 @@
 // ~20 GB/s), prefill 13.4 tok/s. Targets: decode within 1.1x of the bandwidth bound, prefill >= 2x
 // llama.cpp, peak RSS < weight bytes + 10%.
 //
-// Usage: bench_llm [--threads N] [--models tiny,1b,7b] [--prompt N] [--decode N] [--repeat N]
+// Before the models ("gemv"): the decode GEMV alone on the 7B shapes (4096x4096, 11008x4096,
+// 4096x11008, 32000x4096), one row, weights cycling through a 1.5 GiB pool (beyond the last-level
+// cache), at each kernel the process can run (generic, avx2, and avx512 when the tier has it), as
+// GB/s of weights read and as a share of a plain read of the same pool. The CPU line names the
+// tier: VOKEN_CPU=<tier> runs the whole benchmark at a lower one.
+//
+// Usage: bench_llm [--threads N] [--models gemv,tiny,1b,7b] [--prompt N] [--decode N] [--repeat N]
 //                  [--dir D] [--golden D] [--keep] [--omp-passive]
 //   --threads N   intra-op threads (default 2; Debian's libtorch would start with 1 here)
-//   --models      which models, comma-separated (default tiny,1b,7b)
+//   --models      what to measure, comma-separated (default gemv,tiny,1b,7b)
 //   --prompt N    prefill length (default 128);  --decode N  decode steps (default 16)
 //   --repeat N    prefill repetitions, best taken (default 3; 1 for 7B)
 //   --dir D       where the synthetic checkpoints go (default $TMPDIR or /tmp); --keep keeps them
@@ -37,7 +44,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>  // set_num_threads
 #include <c10/core/InferenceMode.h>
-#include <immintrin.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -58,12 +64,17 @@
 #include <vector>
 
 #include "bench_support.h"
+#include "core/cpu.h"
 #include "core/gemv.h"
 #include "core/parallel.h"
 #include "io/json_file.h"
 #include "io/safetensors.h"
 #include "llm/linear.h"
 #include "llm/llama.h"
+
+#ifdef VOKEN_X86_KERNELS
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -77,7 +88,7 @@ using voken::llm::Llama;
 
 struct Options {
   int threads = 2;
-  std::vector<std::string> models = {"tiny", "1b", "7b"};
+  std::vector<std::string> models = {"gemv", "tiny", "1b", "7b"};
   int prompt = 128;
   int decode = 16;
   int repeat = 3;
@@ -90,9 +101,11 @@ struct Options {
 double mem_available() { return voken::bench::proc_kb_field("/proc/meminfo", "MemAvailable:"); }
 
 // ---------------------------------------------------------------------------------------------
-// Read bandwidth: an AVX-512 sum of 32-bit words over byte ranges, split over the intra-op pool.
+// Read bandwidth: a sum of 32-bit words over byte ranges, split over the intra-op pool, with the
+// widest loads the CPU has (whatever VOKEN_CPU chose: this is the machine's reference).
 
-__attribute__((target("avx512f"))) uint64_t sum_words(const uint8_t* p, std::size_t bytes) {
+#ifdef VOKEN_X86_KERNELS
+VOKEN_TARGET_AVX512 uint64_t sum_words_avx512(const uint8_t* p, std::size_t bytes) {
   __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
   std::size_t i = 0;
   for (; i + 256 <= bytes; i += 256) {
@@ -106,6 +119,50 @@ __attribute__((target("avx512f"))) uint64_t sum_words(const uint8_t* p, std::siz
   return static_cast<uint64_t>(
              _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)))) +
          tail;
+}
+
+VOKEN_TARGET_AVX2 uint64_t sum_words_avx2(const uint8_t* p, std::size_t bytes) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  std::size_t i = 0;
+  for (; i + 128 <= bytes; i += 128) {
+    a0 = _mm256_add_epi32(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
+    a1 = _mm256_add_epi32(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 32)));
+    a2 = _mm256_add_epi32(a2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 64)));
+    a3 = _mm256_add_epi32(a3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 96)));
+  }
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes),
+                     _mm256_add_epi32(_mm256_add_epi32(a0, a1), _mm256_add_epi32(a2, a3)));
+  uint64_t total = 0;
+  for (uint32_t lane : lanes) total += lane;
+  for (; i < bytes; ++i) total += p[i];
+  return total;
+}
+#endif
+
+// Plain C++ (vectorized by the compiler with the baseline instruction set).
+uint64_t sum_words_generic(const uint8_t* p, std::size_t bytes) {
+  uint32_t lanes[16] = {};
+  std::size_t i = 0;
+  for (; i + 64 <= bytes; i += 64)
+    for (int l = 0; l < 16; ++l) {
+      uint32_t word;
+      std::memcpy(&word, p + i + 4 * l, sizeof word);
+      lanes[l] += word;
+    }
+  uint64_t total = 0;
+  for (uint32_t lane : lanes) total += lane;
+  for (; i < bytes; ++i) total += p[i];
+  return total;
+}
+
+uint64_t sum_words(const uint8_t* p, std::size_t bytes) {
+#ifdef VOKEN_X86_KERNELS
+  const voken::core::CpuTier native = voken::core::cpu_info().native;
+  if (native >= voken::core::CpuTier::avx512) return sum_words_avx512(p, bytes);
+  if (native >= voken::core::CpuTier::avx2) return sum_words_avx2(p, bytes);
+#endif
+  return sum_words_generic(p, bytes);
 }
 
 // Bytes/s to read every range once (best of `passes`).
@@ -146,6 +203,97 @@ DramResult measure_dram(const Options& options) {
   at::set_num_threads(1);
   r.bandwidth_1thread = read_bandwidth({{buffer.data(), bytes}}, 3);
   return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The decode GEMV alone on the 7B shapes, one row of x, at each kernel this process can run.
+
+struct GemvShape {
+  int64_t out, in;
+  const char* what;
+};
+constexpr GemvShape kGemvShapes[] = {
+    {4096, 4096, "q/k/v/o"}, {11008, 4096, "gate/up"}, {4096, 11008, "down"}, {32000, 4096, "lm_head"}};
+constexpr int kGemvShapeCount = 4;
+constexpr int kGemvKernelCount = 3;  // generic, avx2, avx512 (which avx512_bf16 and amx run too)
+
+struct GemvResult {
+  int kernels = 0;
+  voken::core::CpuTier tier[kGemvKernelCount] = {};
+  double rate[kGemvKernelCount][kGemvShapeCount] = {};  // weight bytes/s, best of 5 passes
+  double read = 0;                                      // plain read of the same pool, bytes/s
+  double pool_bytes = 0;
+};
+
+GemvResult measure_gemv(const Options& options) {
+  using voken::core::CpuTier;
+  at::set_num_threads(options.threads);
+  c10::InferenceMode guard;
+  // The weights cycle through a pool well beyond the last-level cache, so every call reads DRAM.
+  const int64_t pool_values = int64_t{3} << 28;  // 1.5 GiB of bf16
+  at::Tensor pool = at::empty({pool_values}, at::kBFloat16);
+  auto* bits = reinterpret_cast<uint16_t*>(pool.data_ptr<at::BFloat16>());
+  voken::core::parallel_range(0, pool_values, 1 << 20, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const auto h = static_cast<uint32_t>((static_cast<uint64_t>(i) * 2654435761u) >> 13);
+      bits[i] = static_cast<uint16_t>(0x3C00u | (h & 0x7Fu) | ((h & 0x80u) << 8));  // +-(2^-7 .. 2^-6)
+    }
+  });
+  GemvResult r;
+  r.pool_bytes = static_cast<double>(pool.nbytes());
+  std::vector<CpuTier> tiers = {CpuTier::generic};
+  if (voken::core::cpu_tier() >= CpuTier::avx2) tiers.push_back(CpuTier::avx2);
+  if (voken::core::cpu_tier() >= CpuTier::avx512) tiers.push_back(voken::core::cpu_tier());
+  r.kernels = static_cast<int>(tiers.size());
+  std::vector<at::Tensor> xs;
+  for (const GemvShape& shape : kGemvShapes) xs.push_back(at::randn({1, shape.in}));
+  // Passes interleaved (a plain read of the pool before every measurement): on a shared machine
+  // the available bandwidth drifts over seconds, and each figure is its best pass.
+  const std::vector<std::pair<const uint8_t*, std::size_t>> whole_pool = {
+      {reinterpret_cast<const uint8_t*>(bits), static_cast<std::size_t>(pool.nbytes())}};
+  for (int pass = 0; pass < 5; ++pass) {
+    for (int k = 0; k < r.kernels; ++k) {
+      r.tier[k] = tiers[k];
+      for (int s = 0; s < kGemvShapeCount; ++s) {
+        r.read = std::max(r.read, read_bandwidth(whole_pool, 1));
+        const GemvShape& shape = kGemvShapes[s];
+        const int64_t values = shape.out * shape.in;
+        const int64_t count = pool_values / values;
+        const auto start = std::chrono::steady_clock::now();
+        for (int64_t i = 0; i < count; ++i)
+          voken::core::gemv_bf16(xs[s], pool.narrow(0, i * values, values).view({shape.out, shape.in}),
+                                 tiers[k]);
+        r.rate[k][s] =
+            std::max(r.rate[k][s], 2.0 * static_cast<double>(values * count) / seconds_since(start));
+      }
+    }
+  }
+  return r;
+}
+
+void print_gemv(const GemvResult& r, int threads) {
+  std::printf("\n== decode GEMV alone: 1 row, bf16 weights cycling through a %.1f GiB pool, %d threads\n",
+              r.pool_bytes / (1 << 30), threads);
+  std::printf(
+      "  plain read of the pool %.2f GB/s (best pass); GEMV weight read rate (GB/s, best of 5 interleaved "
+      "passes):\n",
+      r.read / 1e9);
+  std::printf("  %-22s", "kernel (tier)");
+  for (const auto& shape : kGemvShapes) {
+    const std::string label =
+        std::string(shape.what) + " " + std::to_string(shape.out) + "x" + std::to_string(shape.in);
+    std::printf(" %20s", label.c_str());
+  }
+  std::printf("\n");
+  for (int k = 0; k < r.kernels; ++k) {
+    const voken::core::CpuTier tier = r.tier[k];
+    const char* kernel = tier >= voken::core::CpuTier::avx512 ? "avx512" : voken::core::tier_name(tier);
+    const std::string label = std::string(kernel) + " (" + voken::core::tier_name(tier) + ")";
+    std::printf("  %-22s", label.c_str());
+    for (int s = 0; s < kGemvShapeCount; ++s)
+      std::printf(" %14.2f (%3.0f%%)", r.rate[k][s] / 1e9, 100 * r.rate[k][s] / r.read);
+    std::printf("\n");
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -441,7 +589,7 @@ int main(int argc, char** argv) {
       options.omp_passive = true;
     else {
       std::fprintf(stderr,
-                   "usage: bench_llm [--threads N] [--models tiny,1b,7b] [--prompt N] [--decode N] "
+                   "usage: bench_llm [--threads N] [--models gemv,tiny,1b,7b] [--prompt N] [--decode N] "
                    "[--repeat N] [--dir D] [--golden D] [--keep] [--omp-passive]\n");
       return 2;
     }
@@ -466,15 +614,19 @@ int main(int argc, char** argv) {
     const std::string work = base + "/voken-bench-llm-" + std::to_string(::getpid());
     fs::create_directories(work);
 
-    std::printf(
-        "bench_llm: %d threads, prompt %d tokens, %d decode steps, streaming bf16 kernel: %s\n",
-        options.threads, options.prompt, options.decode,
-        voken::core::gemv_supported() ? "yes" : "no (CPU tier without one: oneDNN for every product)");
+    std::printf("bench_llm: %d threads, prompt %d tokens, %d decode steps\n", options.threads, options.prompt,
+                options.decode);
+    std::printf("CPU: %s%s\n", voken::core::cpu_summary().c_str(),
+                voken::core::cpu_info().forced ? "" : " (VOKEN_CPU=<tier> runs a lower one)");
     const DramResult dram = in_child<DramResult>("dram", [&] { return measure_dram(options); });
     std::printf("DRAM read bandwidth (1 GB buffer): %.2f GB/s with %d threads, %.2f GB/s with 1\n",
                 dram.bandwidth / 1e9, options.threads, dram.bandwidth_1thread / 1e9);
 
     for (const auto& which : options.models) {
+      if (which == "gemv") {
+        print_gemv(in_child<GemvResult>("gemv", [&] { return measure_gemv(options); }), options.threads);
+        continue;
+      }
       if (which == "tiny") {
         const std::string dir = golden_root(options) + "/llama/model";
         if (!fs::exists(dir + "/config.json")) {
@@ -493,7 +645,7 @@ int main(int argc, char** argv) {
         continue;
       }
       const Shape* shape = which == "1b" ? &kShape1B : which == "7b" ? &kShape7B : nullptr;
-      if (shape == nullptr) throw std::runtime_error("unknown model '" + which + "' (tiny, 1b, 7b)");
+      if (shape == nullptr) throw std::runtime_error("unknown model '" + which + "' (gemv, tiny, 1b, 7b)");
       const std::string dir = work + "/" + which;
       const WriteResult written =
           in_child<WriteResult>("write " + which, [&] { return write_model(dir, *shape); });

@@ -456,8 +456,7 @@ at::Tensor UNet2DCondition::time_embedding(const at::Tensor& timestep, int64_t b
 
 at::Tensor UNet2DCondition::project_time(const at::Tensor& emb) const {
   const at::Tensor act = config_.resnet_skip_time_act ? emb : activate(emb, activation_);
-  if (time_proj_weight_.scalar_type() == at::kBFloat16 && act.size(0) <= 8 &&
-      core::has_few_rows_linear_bf16())
+  if (time_proj_weight_.scalar_type() == at::kBFloat16 && act.size(0) <= 8)
     return core::few_rows_linear_bf16(act.to(at::kFloat), time_proj_weight_, time_proj_bias_);
   // CPUs without AVX-512 (no few-row kernel): the in-place GEMM, float32 out as above.
   if (time_proj_weight_.scalar_type() == at::kBFloat16 && core::inplace_gemm_supported())

@@ -7,12 +7,14 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
+#include "core/cpu.h"
 #include "core/parallel.h"
 #include "voken/error.h"
+
+#ifdef VOKEN_X86_KERNELS
+#include <immintrin.h>
+#endif
 
 namespace voken::vision {
 namespace {
@@ -166,15 +168,10 @@ std::vector<SplitTaps> split_taps(const AxisTaps& taps, int image_start, int ima
 // may use AVX2 when the CPU has it (8 lanes of 32-bit multiplies; the x86-64 baseline has no
 // 32-bit vector multiply) without affecting results: the horizontal one through intrinsics
 // chosen at run time, the vertical one through GCC's function multiversioning.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#if defined(VOKEN_X86_KERNELS) && !defined(__clang__)
 #define VOKEN_HOT_LOOP __attribute__((target_clones("avx2", "default")))
 #else
 #define VOKEN_HOT_LOOP
-#endif
-#if defined(__GNUC__) && defined(__x86_64__)
-#define VOKEN_X86_KERNELS 1
-#else
-#define VOKEN_X86_KERNELS 0
 #endif
 
 // The horizontal pass works on interleaved RGB rows two taps at a time: 8 bytes read at a
@@ -223,12 +220,11 @@ void horizontal_row_portable(const uint8_t* row, const SplitTaps* columns, int a
   }
 }
 
-#if VOKEN_X86_KERNELS
+#ifdef VOKEN_X86_KERNELS
 // Each pair is one 8-byte load widened to eight int32 lanes, one 32-bit multiply, one add.
-__attribute__((target("avx2"))) void horizontal_row_avx2(const uint8_t* row, const SplitTaps* columns,
-                                                         int active_lo, int active_hi,
-                                                         const PairedTaps& paired, const int32_t* bias,
-                                                         uint8_t* out) {
+VOKEN_TARGET_AVX2 void horizontal_row_avx2(const uint8_t* row, const SplitTaps* columns, int active_lo,
+                                           int active_hi, const PairedTaps& paired, const int32_t* bias,
+                                           uint8_t* out) {
   for (int j = active_lo; j < active_hi; ++j) {
     const int index = j - active_lo;
     const uint8_t* pixels = row + static_cast<std::size_t>(columns[j].image_first) * 3;
@@ -246,12 +242,13 @@ __attribute__((target("avx2"))) void horizontal_row_avx2(const uint8_t* row, con
 }
 #endif
 
-// VOKEN_DISABLE_AVX2=1 forces the portable kernel (the tests run both).
+// VOKEN_DISABLE_AVX2=1 (or a tier below avx2, core/cpu.h) forces the portable kernel (the tests
+// run both).
 bool cpu_has_avx2() {
-#if VOKEN_X86_KERNELS
+#ifdef VOKEN_X86_KERNELS
   const char* disable = std::getenv("VOKEN_DISABLE_AVX2");
   if (disable != nullptr && *disable != '\0' && std::strcmp(disable, "0") != 0) return false;
-  return __builtin_cpu_supports("avx2");
+  return core::cpu_tier() >= core::CpuTier::avx2;
 #else
   return false;
 #endif
@@ -318,7 +315,7 @@ Image resample(const Canvas& canvas, int out_width, int out_height, const Window
         row = padded_row.data();
       }
       uint8_t* out = band.data() + r * band_row_bytes;
-#if VOKEN_X86_KERNELS
+#ifdef VOKEN_X86_KERNELS
       if (use_avx2) {
         horizontal_row_avx2(row, columns.data(), active_lo, active_hi, paired, fill_bias.data(), out);
         continue;

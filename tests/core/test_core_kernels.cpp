@@ -1,4 +1,4 @@
-// The core parallel loops (core/parallel.h) and the bf16 LayerNorm. The kernels have their own
+// The core parallel loops (core/parallel.h). The kernels have their own
 // suites, each over every CPU tier: test_packed_gemm, test_inplace_gemm, test_attention, test_gemv,
 // test_norm_kernels.
 #include <ATen/ATen.h>
@@ -15,7 +15,6 @@
 #include <thread>
 #include <vector>
 
-#include "core/norm_kernels.h"
 #include "core/parallel.h"
 #include "voken/error.h"
 
@@ -85,26 +84,6 @@ TEST(Parallel, ThreadCountOption) {
         << e.what();
   }
   set_intra_op_threads(0, "threads");
-}
-
-// layer_norm_bf16 equals at::layer_norm in float32 rounded to bf16, up to one bf16 step where the
-// float32 results differ in the last bits (different summation orders).
-TEST(Bf16Ops, LayerNormMatchesFloat32LayerNorm) {
-  at::manual_seed(9);
-  for (int64_t channels : {1, 7, 16, 100, 1408}) {
-    const auto x = (at::randn({5, 33, channels}) * 3 + 1).to(at::kBFloat16);
-    const auto weight = at::randn({channels}), bias = at::randn({channels});
-    const auto got = layer_norm_bf16(x, weight, bias, 1e-6);
-    const auto ref = at::layer_norm(x.to(at::kFloat), {channels}, weight, bias, 1e-6);
-    ASSERT_EQ(got.scalar_type(), at::kBFloat16);
-    const auto step = ref.abs() * std::ldexp(1.0, -8) + 1e-6;
-    EXPECT_LE(((got.to(at::kFloat) - ref).abs() / step).max().item<double>(), 1.0) << channels;
-    // Strided rows (a view) give the same result.
-    const auto wide = at::cat({x, x}, -1).narrow(-1, 0, channels);
-    EXPECT_TRUE(at::equal(layer_norm_bf16(wide, weight, bias, 1e-6), got));
-  }
-  EXPECT_THROW(layer_norm_bf16(at::randn({2, 4}), {}, {}, 1e-5), ArgumentError);
-  EXPECT_THROW(layer_norm_bf16(at::randn({2, 4}).to(at::kBFloat16), at::ones({3}), {}, 1e-5), ArgumentError);
 }
 
 }  // namespace

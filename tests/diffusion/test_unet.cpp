@@ -1,9 +1,9 @@
 // UNet2DCondition and AutoencoderKL beyond the goldens: config parsing (defaults, int-or-list
 // fields, unsupported block types and fields named in the error), weights (mismatches reported,
 // .bin and fp16 files into float32 and bfloat16), bad inputs, attention chunking in a model,
-// channels-last against NCHW, bfloat16 against float32, SD 1.x conv projections
-// against SD 2.x linear ones, the VAE's deprecated attention names, and the norm kernels against
-// float64 references.
+// channels-last against NCHW, bfloat16 against float32, SD 1.x conv projections against SD 2.x
+// linear ones, and the VAE's deprecated attention names. (The kernels are tested at every CPU tier
+// in tests/core: test_packed_gemm, test_attention, test_norm_kernels.)
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -16,7 +16,6 @@
 
 #include "common/test_support.h"
 #include "core/cpu.h"
-#include "core/norm_kernels.h"
 #include "core/packed_gemm.h"
 #include "diffusion/nn_blocks.h"
 #include "diffusion/random_diffusers_model.h"
@@ -30,10 +29,6 @@ namespace voken::diffusion {
 namespace {
 
 // The kernels these tests check live in core.
-using core::geglu;
-using core::group_norm;
-using core::group_norm_;
-using core::layer_norm;
 using core::packed_gemm_supported;
 
 using io::Json;
@@ -522,42 +517,6 @@ TEST(PackedGemm, PackedModelsMatchUnpackedOnes) {
   EXPECT_LE(max_abs_diff(vae_packed, vae_fp32), 0.05 * vae_scale);
   EXPECT_LE(max_abs_diff(vae_packed, vae_unpacked), 0.05 * vae_scale);
   EXPECT_GT(max_abs_diff(vae_packed, vae_unpacked), 0.0);
-}
-
-// ---- norm kernels ---------------------------------------------------------------------------
-
-TEST(NormKernels, MatchFloat64ReferencesInBothLayoutsAndDtypes) {
-  auto generator = at::make_generator<at::CPUGeneratorImpl>(2);
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  for (const double offset : {0.0, 100.0}) {
-    const at::Tensor x = at::randn({2, 24, 19, 37}, generator, f32) * 3 + offset;
-    const at::Tensor w = at::randn({24}, generator, f32), b = at::randn({24}, generator, f32);
-    for (const auto dtype : {at::kFloat, at::kBFloat16}) {
-      const at::Tensor xd = x.to(dtype);
-      const at::Tensor ref = at::group_norm(xd.to(at::kDouble), 6, w.to(dtype).to(at::kDouble),
-                                            b.to(dtype).to(at::kDouble), 1e-6);
-      // float32: a few ulps of the input's offset relative to its spread; bfloat16: one output ulp.
-      const double tol = dtype == at::kFloat ? 5e-5 : 0.0079 * ref.abs().max().item<double>();
-      for (const bool channels_last : {false, true}) {
-        const at::Tensor in = channels_last ? xd.contiguous(at::MemoryFormat::ChannelsLast) : xd;
-        const at::Tensor y = group_norm(in, 6, w, b, 1e-6, false);
-        EXPECT_EQ(y.scalar_type(), dtype);
-        EXPECT_EQ(y.is_contiguous(at::MemoryFormat::ChannelsLast), channels_last);
-        EXPECT_LT(max_abs_diff(y, ref), tol) << "offset " << offset << " cl " << channels_last;
-        EXPECT_LT(max_abs_diff(group_norm(in, 6, w, b, 1e-6, true), at::silu(ref)), tol);
-        at::Tensor in_place = in.clone();
-        group_norm_(in_place, 6, w, b, 1e-6, true);
-        EXPECT_TRUE(test::bit_equal(in_place, group_norm(in, 6, w, b, 1e-6, true)));
-      }
-      const at::Tensor rows = xd.reshape({-1, 37});
-      const at::Tensor lw = at::randn({37}, generator, f32), lb = at::randn({37}, generator, f32);
-      const at::Tensor lref = at::layer_norm(rows.to(at::kDouble), {37}, lw.to(dtype).to(at::kDouble),
-                                             lb.to(dtype).to(at::kDouble), 1e-5);
-      const double ltol = dtype == at::kFloat ? 5e-5 : 0.0079 * lref.abs().max().item<double>();
-      EXPECT_LT(max_abs_diff(layer_norm(rows, lw.to(dtype), lb.to(dtype), 1e-5), lref), ltol)
-          << "offset " << offset;
-    }
-  }
 }
 
 }  // namespace
