@@ -297,6 +297,7 @@ int main(int argc, char** argv) {
     root = pattern;
     remove_root = !options.keep;
   }
+  voken::bench::print_machine("bench_e2e", options.threads);
   std::printf(
       "bench_e2e: threads %d, steps %lld, image %lldx%lld, max_new_tokens %lld, seed %llu, load average %s\n",
       options.threads, static_cast<long long>(options.steps), static_cast<long long>(options.size),

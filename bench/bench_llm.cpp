@@ -616,8 +616,7 @@ int main(int argc, char** argv) {
 
     std::printf("bench_llm: %d threads, prompt %d tokens, %d decode steps\n", options.threads, options.prompt,
                 options.decode);
-    std::printf("CPU: %s%s\n", voken::core::cpu_summary().c_str(),
-                voken::core::cpu_info().forced ? "" : " (VOKEN_CPU=<tier> runs a lower one)");
+    voken::bench::print_machine("bench_llm", options.threads);
     const DramResult dram = in_child<DramResult>("dram", [&] { return measure_dram(options); });
     std::printf("DRAM read bandwidth (1 GB buffer): %.2f GB/s with %d threads, %.2f GB/s with 1\n",
                 dram.bandwidth / 1e9, options.threads, dram.bandwidth_1thread / 1e9);
@@ -659,10 +658,11 @@ int main(int argc, char** argv) {
       const ModelResult r = in_child<ModelResult>(
           label, [&] { return measure_model(options, label, dir, at::kBFloat16, repeat); });
       print_result(r, dram);
-      if (which == "7b") {
-        std::printf(
-            "  vs llama.cpp anchor  decode %.2fx of 1.45 tok/s, prefill %.2fx of 13.4 tok/s (target >= 2)\n",
-            (1.0 / r.decode_s) / 1.45, (r.prompt / r.prefill_s) / 13.4);
+      const auto anchors = voken::bench::anchors_for_this_cpu();
+      if (which == "7b" && anchors.machine) {
+        std::printf("  vs llama.cpp anchor  decode %.2fx of %.2f tok/s, prefill %.2fx of %.1f tok/s\n",
+                    (1.0 / r.decode_s) / anchors.llm_decode_tps, anchors.llm_decode_tps,
+                    (r.prompt / r.prefill_s) / anchors.llm_prefill_tps, anchors.llm_prefill_tps);
       }
       if (!options.keep) fs::remove_all(dir);
     }

@@ -439,6 +439,7 @@ std::string readahead_of(const std::string& path) {
 }
 
 void print_machine(const WriteResult& written, const std::string& dir) {
+  voken::bench::print_machine("bench_load", written.threads);
   const double ram =
       static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
   std::printf(

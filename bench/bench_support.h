@@ -1,6 +1,7 @@
-// What the benchmarks share: clocks, process memory from /proc, machine load, and running a
+// What the benchmarks share: clocks, process memory from /proc, machine load, running a
 // measurement in a forked child (so that each gets a fresh process: its own peak RSS, a cold
-// allocator, no pages mapped by an earlier measurement).
+// allocator, no pages mapped by an earlier measurement), the line naming the CPU and kernel tier
+// every benchmark prints first, and the anchor figures of the CPU it runs on.
 #pragma once
 
 #include <sys/resource.h>
@@ -18,6 +19,8 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+
+#include "core/cpu.h"
 
 namespace voken::bench {
 
@@ -106,6 +109,47 @@ Result in_child(const std::string& what, const std::function<Result()>& body) {
                              ")");
   if (!envelope.ok) throw std::runtime_error(what + ": " + envelope.error);
   return envelope.value;
+}
+
+// The peers voken is compared with, measured on this project's machines (2 threads; the table in
+// ../shared/anchors.md): llama.cpp (7B bf16), diffusers 0.31 eager (SD 2.1-base UNet step at
+// batch 2 64x64, VAE decode 512x512) and MiniGPT-4 eager encode_img, on Debian's libtorch 1.13.
+struct Anchors {
+  const char* machine = nullptr;  // which row; nullptr when this CPU has none
+  double llm_decode_tps = 0, llm_prefill_tps = 0;
+  double unet_bf16_s = 0, unet_fp32_s = 0, vae_bf16_s = 0, vae_fp32_s = 0;
+  double encode_bf16_s = 0, encode_fp32_s = 0;
+};
+
+// The anchor row of the CPU this runs on: Intel with AMX (the Sapphire Rapids row) or AMD family
+// 26 (the Zen 5 row). Where ranges were measured, the faster end. Anchors were taken at the CPU's
+// native ISA: a run with VOKEN_CPU forcing a lower tier is compared with them only as a ratio to
+// the same machine's eager code, which the benchmark line says.
+inline Anchors anchors_for_this_cpu() {
+  const auto& cpu = core::cpu_info();
+  Anchors a;
+  if (cpu.vendor == "GenuineIntel" && cpu.detected.amx_bf16) {
+    a = {"Intel Sapphire Rapids (AMX)", 1.45, 13.4, 5.5, 15.9, 6.9, 12.4, 1.0, 4.0};
+  } else if (cpu.vendor == "AuthenticAMD" && cpu.family == 26) {
+    a = {"AMD EPYC Zen 5", 1.87, 23.5, 16.4, 40.0, 35.0, 52.0, 1.19, 6.1};
+  }
+  return a;
+}
+
+// The first line of every benchmark: the CPU, its family/model, the kernel tier in use (VOKEN_CPU
+// may force a lower one), the threads, and which anchor row applies.
+inline void print_machine(const char* benchmark, int threads) {
+  const Anchors anchors = anchors_for_this_cpu();
+  std::printf("%s: %s, %d threads; anchors: %s\n", benchmark, core::cpu_summary().c_str(), threads,
+              anchors.machine ? anchors.machine
+                              : "none for this CPU (compare with the closer row of the anchor table)");
+  if (core::cpu_info().forced)
+    std::printf(
+        "%s: tier %s forced by VOKEN_CPU; the anchors were measured at this CPU's own ISA, so "
+        "ratios to them understate a forced tier (ONEDNN_MAX_CPU_ISA=%s for libtorch's side)\n",
+        benchmark, core::tier_name(core::cpu_tier()),
+        std::getenv("ONEDNN_MAX_CPU_ISA") ? std::getenv("ONEDNN_MAX_CPU_ISA") : "unset");
+  std::fflush(stdout);
 }
 
 }  // namespace voken::bench

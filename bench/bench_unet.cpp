@@ -277,8 +277,8 @@ void attention_kernels(int reps) {
     const char* what;
     int64_t batch, queries, keys, heads, head_dim;
   };
-  std::printf("attention, tier %s (%s), min of %d, FLOPs = 4 B Tq Tk H D:\n",
-              voken::core::tier_name(voken::core::cpu_tier()), voken::core::cpu_summary().c_str(), reps);
+  std::printf("attention, tier %s, min of %d, FLOPs = 4 B Tq Tk H D:\n",
+              voken::core::tier_name(voken::core::cpu_tier()), reps);
   for (const Shape& s :
        {Shape{"UNet 64x64 self", 2, 4096, 4096, 5, 64}, Shape{"UNet 32x32 self", 2, 1024, 1024, 10, 64},
         Shape{"UNet 16x16 self", 2, 256, 256, 20, 64}, Shape{"UNet 64x64 cross", 2, 4096, 77, 5, 64},
@@ -322,7 +322,6 @@ double conv_flops(int64_t b, int64_t h, int64_t w, int64_t cin, int64_t cout, in
 void packed_kernels(int reps) {
   c10::InferenceMode guard;
   const voken::core::CpuTier tier = voken::core::cpu_tier();
-  std::printf("CPU: %s\n", voken::core::cpu_summary().c_str());
   if (!packed_gemm_supported(32, 32, 3)) {
     std::printf("packed kernels: none at tier %s\n", voken::core::tier_name(tier));
     return;
@@ -742,14 +741,17 @@ struct Peaks {
   double of(at::ScalarType dtype) const { return dtype == at::kBFloat16 ? bf16 : fp32; }
 };
 
+// `anchor`: the diffusers eager time on this CPU (0: none known for it).
 void report(const char* what, at::ScalarType dtype, std::pair<double, double> t, double flops,
             const Peaks& peaks, double anchor) {
   const double achieved = flops / t.first / 1e9;
-  std::printf(
-      "%-18s %-9s min %7.3f s  median %7.3f s  %6.0f GFLOP/s = %4.0f%% of %s GEMM peak (%.0f)  "
-      "anchor %.1f s -> %.2fx\n",
-      what, c10::toString(dtype), t.first, t.second, achieved, 100 * achieved / peaks.of(dtype),
-      c10::toString(dtype), peaks.of(dtype), anchor, anchor / t.first);
+  std::printf("%-18s %-9s min %7.3f s  median %7.3f s  %6.0f GFLOP/s = %4.0f%% of %s GEMM peak (%.0f)  ",
+              what, c10::toString(dtype), t.first, t.second, achieved, 100 * achieved / peaks.of(dtype),
+              c10::toString(dtype), peaks.of(dtype));
+  if (anchor > 0)
+    std::printf("anchor %.1f s -> %.2fx\n", anchor, anchor / t.first);
+  else
+    std::printf("(no anchor for this CPU)\n");
 }
 
 }  // namespace
@@ -815,6 +817,8 @@ int main(int argc, char** argv) {
   }
   // Debian's libtorch starts with one intra-op thread here although two cores exist.
   at::set_num_threads(threads);
+  voken::bench::print_machine("bench_unet", at::get_num_threads());
+  const voken::bench::Anchors anchors = voken::bench::anchors_for_this_cpu();
   std::printf("bench_unet: %d threads, %d timed reps (after a warm-up), latents %ldx%ld\n",
               at::get_num_threads(), reps, latent, latent);
 
@@ -881,7 +885,8 @@ int main(int argc, char** argv) {
         const auto t = time_it([&] { out = unet.forward(sample, timestep, context); }, reps);
         const double cpu = time_wall_cpu([&] { unet.forward(sample, timestep, context); }, 1, false).second;
         if (!at::isfinite(out).all().item<bool>()) std::printf("  (warning: non-finite output)\n");
-        report("UNet step", dtype, t, unet_gflop, peaks, dtype == at::kBFloat16 ? 5.5 : 15.9);
+        report("UNet step", dtype, t, unet_gflop, peaks,
+               dtype == at::kBFloat16 ? anchors.unet_bf16_s : anchors.unet_fp32_s);
         std::printf(
             "  CPU time per thread of one more step: %.3f s (steadier than wall time on a shared machine)\n",
             cpu);
@@ -926,7 +931,7 @@ int main(int argc, char** argv) {
         nchw.channels_last = false;
         const auto unet = UNet2DCondition::load(tmp + "/unet", at::kBFloat16, nchw);
         const auto t = time_it([&] { unet.forward(sample, timestep, context); }, 1);
-        report("UNet step (NCHW)", at::kBFloat16, t, unet_gflop, peaks, 5.5);
+        report("UNet step (NCHW)", at::kBFloat16, t, unet_gflop, peaks, anchors.unet_bf16_s);
       }
     }
     if (only != "unet") {
@@ -945,7 +950,8 @@ int main(int argc, char** argv) {
         at::Tensor image;
         const auto t = time_it([&] { image = vae.decode(latents); }, reps);
         if (!at::isfinite(image).all().item<bool>()) std::printf("  (warning: non-finite output)\n");
-        report("VAE decode", dtype, t, vae_gflop, peaks, dtype == at::kBFloat16 ? 6.9 : 12.4);
+        report("VAE decode", dtype, t, vae_gflop, peaks,
+               dtype == at::kBFloat16 ? anchors.vae_bf16_s : anchors.vae_fp32_s);
         if (profile_depth > 0) {
           OpProfiler profiler(profile_depth);
           const double start = now();

@@ -45,6 +45,7 @@
 #include <utility>
 #include <vector>
 
+#include "bench_support.h"
 #include "core/attention.h"
 #include "core/cpu.h"
 #include "core/inplace_gemm.h"
@@ -69,9 +70,7 @@ struct Options {
   std::string dir;
 };
 
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
+using voken::bench::seconds_since;
 
 // The first three fields of /proc/loadavg: other processes competing for the same cores make
 // every number here slower, so each report says how busy the machine was.
@@ -399,9 +398,13 @@ void run_dtype(const voken::vision::ImageEncoderFiles& files, at::ScalarType dty
       "best %.0f%%)\n",
       flops.total() / (median(cpu_totals) / batch) / 1e9, median(cpu_peaks), 100.0 * median(cpu_ratios),
       100.0 * *std::max_element(cpu_ratios.begin(), cpu_ratios.end()));
-  const double anchor = dtype == at::kBFloat16 ? 1.0 : 4.0;
-  std::printf("  upstream eager anchor %.1f s per image -> %.2fx   (load average now %s)\n", anchor,
-              anchor / per_image, load_average().c_str());
+  const auto anchors = voken::bench::anchors_for_this_cpu();
+  const double anchor = dtype == at::kBFloat16 ? anchors.encode_bf16_s : anchors.encode_fp32_s;
+  if (anchor > 0)
+    std::printf("  upstream eager anchor %.2f s per image -> %.2fx   (load average now %s)\n", anchor,
+                anchor / per_image, load_average().c_str());
+  else
+    std::printf("  (no upstream anchor for this CPU; load average now %s)\n", load_average().c_str());
 }
 
 int run(int argc, char** argv) {
@@ -434,6 +437,7 @@ int run(int argc, char** argv) {
     }
   }
   at::set_num_threads(options.threads);
+  voken::bench::print_machine("bench_vision", at::get_num_threads());
   c10::InferenceMode guard;
   const char* wait_policy = std::getenv("OMP_WAIT_POLICY");
   std::printf(
