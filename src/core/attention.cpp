@@ -157,22 +157,12 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   job.out = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   job.numerics = numerics;
   job.scale = static_cast<float>(scale);
-  switch (tier) {
-    case CpuTier::amx:
-      attention_detail::attention_amx(job);
-      break;
-    case CpuTier::avx512_bf16:
-      attention_detail::attention_avx512_bf16(job);
-      break;
-    case CpuTier::avx512:
-      attention_detail::attention_avx512(job);
-      break;
-    case CpuTier::avx2:
-      attention_detail::attention_avx2(job);
-      break;
-    case CpuTier::generic:
-      break;
-  }
+  // The kernel of each tier from avx2 up, in CpuTier order.
+  static constexpr void (*kKernels[])(const attention_detail::AttentionJob&) = {
+      attention_detail::attention_avx2, attention_detail::attention_avx512,
+      attention_detail::attention_avx512_bf16, attention_detail::attention_amx};
+  static_assert(static_cast<int>(CpuTier::avx2) == 1 && static_cast<int>(CpuTier::amx) == 4);
+  kKernels[static_cast<int>(tier) - 1](job);
   return out;
 }
 
