@@ -1,6 +1,8 @@
 // The attention entry point: operand checks, the tier dispatch, the generic (ATen) tier, and what
 // the tier kernels share (packing of K and V, the work split). The kernels themselves are in
-// attention_amx.cpp, attention_avx512.cpp and attention_avx2.cpp.
+// attention_amx.cpp, and for the avx512_bf16, avx512 and avx2 tiers attention_flash.h's driver
+// over attention_simd.inc, compiled per instruction set in attention_avx512.cpp and
+// attention_avx2.cpp.
 #include "core/attention.h"
 
 #include <ATen/ATen.h>

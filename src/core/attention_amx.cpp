@@ -12,6 +12,12 @@
 //      loaded from and stored to the block's float32 output rows once per chunk (a rescale is then
 //      a plain multiply of those rows).
 // Tiles: 0, 1 A (Q or P); 2, 3 B (K or V); 4-7 S or O.
+//
+// This kernel keeps its own block loop rather than the driver of the other tiers
+// (attention_flash.h): its row sums are 16-lane partial sums carried across chunks (a scalar sum
+// per chunk, as the driver keeps, would change its results), its 512-key chunks take no tail, and
+// each phase runs over the whole 32-row block between tile loads. It shares the packing of K and
+// V and the rule for the running maxima (raise_row_max).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
