@@ -1,6 +1,8 @@
 // The attention entry point: operand checks, the tier dispatch, the generic (ATen) tier, and what
 // the tier kernels share (packing of K and V, the work split). The kernels themselves are in
-// attention_amx.cpp, attention_avx512.cpp and attention_avx2.cpp.
+// attention_amx.cpp, and for the avx512_bf16, avx512 and avx2 tiers attention_flash.h's driver
+// over attention_simd.inc, compiled per instruction set in attention_avx512.cpp and
+// attention_avx2.cpp.
 #include "core/attention.h"
 
 #include <ATen/ATen.h>
@@ -157,22 +159,12 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   job.out = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   job.numerics = numerics;
   job.scale = static_cast<float>(scale);
-  switch (tier) {
-    case CpuTier::amx:
-      attention_detail::attention_amx(job);
-      break;
-    case CpuTier::avx512_bf16:
-      attention_detail::attention_avx512_bf16(job);
-      break;
-    case CpuTier::avx512:
-      attention_detail::attention_avx512(job);
-      break;
-    case CpuTier::avx2:
-      attention_detail::attention_avx2(job);
-      break;
-    case CpuTier::generic:
-      break;
-  }
+  // The kernel of each tier from avx2 up, in CpuTier order.
+  static constexpr void (*kKernels[])(const attention_detail::AttentionJob&) = {
+      attention_detail::attention_avx2, attention_detail::attention_avx512,
+      attention_detail::attention_avx512_bf16, attention_detail::attention_amx};
+  static_assert(static_cast<int>(CpuTier::avx2) == 1 && static_cast<int>(CpuTier::amx) == 4);
+  kKernels[static_cast<int>(tier) - 1](job);
   return out;
 }
 

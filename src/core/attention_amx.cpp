@@ -12,6 +12,12 @@
 //      loaded from and stored to the block's float32 output rows once per chunk (a rescale is then
 //      a plain multiply of those rows).
 // Tiles: 0, 1 A (Q or P); 2, 3 B (K or V); 4-7 S or O.
+//
+// This kernel keeps its own block loop rather than the driver of the other tiers
+// (attention_flash.h): its row sums are 16-lane partial sums carried across chunks (a scalar sum
+// per chunk, as the driver keeps, would change its results), its 512-key chunks take no tail, and
+// each phase runs over the whole 32-row block between tile loads. It shares the packing of K and
+// V and the rule for the running maxima (raise_row_max).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -32,7 +38,6 @@ namespace {
 constexpr int kRows = 32;        // queries per block
 constexpr int64_t kKeys = 32;    // key padding granule: one 32-deep P tile
 constexpr int64_t kChunk = 512;  // keys per softmax chunk
-constexpr float kLog2e = 1.44269504088896341f;
 
 struct Problem {
   const AttentionJob* job = nullptr;
@@ -48,8 +53,8 @@ struct Problem {
     dv = (j.head_dim + 15) / 16 * 16;
     keys_padded = (j.keys + kKeys - 1) / kKeys * kKeys;
     query_blocks = (j.queries + kRows - 1) / kRows;
-    coef = j.score_scale() * kLog2e;
-    threshold = kRescaleThreshold / j.score_scale();
+    coef = j.exponent_coef();
+    threshold = j.rescale_threshold();
     k_size = dq / 2 * keys_padded;
     v_size = keys_padded / 2 * dv;
   }
@@ -140,13 +145,8 @@ VOKEN_TARGET_AMX void run_block(const Problem& pr, int64_t unit, Scratch& w) {
       __m512 vmax = neg_inf;
       for (int64_t c = 0; c < valid; c += 16)
         vmax = _mm512_mask_max_ps(vmax, simd::tail_mask(valid - c), vmax, _mm512_load_ps(srow + c));
-      float factor = 1.0f;
-      if (row_max[r] == -INFINITY) {
-        row_max[r] = _mm512_reduce_max_ps(vmax);
-      } else if (_mm512_cmp_ps_mask(vmax, _mm512_set1_ps(row_max[r] + pr.threshold), _CMP_GT_OQ)) {
-        const float chunk_max = _mm512_reduce_max_ps(vmax);
-        factor = std::exp2((row_max[r] - chunk_max) * pr.coef);
-        row_max[r] = chunk_max;
+      const float factor = raise_row_max(row_max[r], _mm512_reduce_max_ps(vmax), pr.threshold, pr.coef);
+      if (factor != 1.0f) {
         const __m512 f = _mm512_set1_ps(factor);
         for (int64_t c = 0; c < dv; c += 16)
           _mm512_store_ps(obuf + r * dv + c, _mm512_mul_ps(_mm512_load_ps(obuf + r * dv + c), f));

@@ -1,22 +1,19 @@
 // Attention kernels of the avx512_bf16 tier (vdpbf16ps, P rounded to bf16) and the avx512 tier
-// (float32 FMA on K and V widened at packing, P in float32). See core/attention.h.
+// (float32 FMA on K and V widened at packing, P in float32), see core/attention.h: the driver of
+// attention_flash.h over attention_simd.inc's kernel functions, compiled here for AVX-512 (with
+// 16-lane policies), and the packing of K and V into bf16 pairs (also the AMX kernel's).
 //
-// Per (batch, head) K and V are packed once. Each work unit is a block of kRows queries, streamed
-// over the keys in chunks of kChunk with an online softmax, in three phases per chunk:
-//   1. S = Q K^T, 6 query rows x 64 keys per register tile (24 accumulators, 10 loads per 24
-//      products), the chunk's K (key tiles contiguous) hot in L1 across the block's row tiles;
-//   2. the softmax of those rows right away (their scores still in L1): the running maximum,
-//      rescaling of the output rows when it moves, P written for phase 3;
-//   3. O += P V, 6 rows x 64 output columns per register tile, the chunk's V hot in L1.
-// The output rows (float32, kRows x D) stay in L1/L2 for the whole block.
+// Register tiles: 6 query rows x 64 keys for S = Q K^T (24 accumulators, 10 loads per 24
+// products), 6 rows x 64 output columns for O += P V; chunks of 256 keys, so that a chunk's K and V
+// stay in L1 across the block's row tiles.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
+#include "core/attention_flash.h"
 #include "core/attention_internal.h"
 #include "core/cpu.h"
-#include "core/parallel.h"
-#include "core/work_ranges.h"
 
 #ifdef VOKEN_X86_KERNELS
 
@@ -32,85 +29,63 @@
 namespace voken::core::attention_detail {
 namespace {
 
-constexpr int kRows = 48;         // queries per work unit
-constexpr int kRowTile = 6;       // query rows per register tile
-constexpr int64_t kKeyTile = 64;  // keys per score register tile (4 vectors)
-constexpr int64_t kChunk = 256;   // keys per softmax chunk (a multiple of kKeyTile)
-// A tail of at most one key tile joins the chunk before it (257 keys: one chunk, not two).
-constexpr int64_t kChunkStride = kChunk + kKeyTile;  // scratch row length: the longest chunk
-int64_t chunk_length(int64_t remaining) { return remaining <= kChunkStride ? remaining : kChunk; }
-constexpr int64_t kKeyGranule = 16;  // keys are padded to a multiple of this (one vector)
-constexpr float kLog2e = 1.44269504088896341f;
+// ---------------------------------------------------------------------------------------------
+// The lane policies of attention_simd.inc (its comment says what each member does).
 
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+// avx512: float32 lanes, K and V widened to float32 (pack_keys_float32, pack_values_float32).
+struct Avx512Lanes {
+  using Word = float;
+  using Operand = __m512;
+  using Vec = __m512;
+  using Tail = __mmask16;
+  static constexpr int kLanes = 16;
+  static constexpr int kRows = 48, kRowTile = 6;
+  static constexpr int64_t kKeyTile = 64, kChunk = 256, kOutputTile = 64;
 
-// What both AVX-512 kernels know of a call.
-struct Geometry {
-  const AttentionJob* job = nullptr;
-  int64_t keys_padded = 0;   // keys rounded up to kKeyGranule
-  int64_t dims_padded = 0;   // head_dim rounded up to 16 (output columns)
-  int64_t query_blocks = 0;  // ceil(queries / kRows)
-  float coef = 0;            // score scale * log2(e): p = 2^(s * coef - max * coef)
-  float threshold = 0;       // kRescaleThreshold in score units
-  explicit Geometry(const AttentionJob& j) : job(&j) {
-    keys_padded = round_up(j.keys, kKeyGranule);
-    dims_padded = round_up(j.head_dim, 16);
-    query_blocks = (j.queries + kRows - 1) / kRows;
-    coef = j.score_scale() * kLog2e;
-    threshold = kRescaleThreshold / j.score_scale();
+  VOKEN_TARGET_AVX512 static Operand operand(const float* p) { return _mm512_load_ps(p); }
+  VOKEN_TARGET_AVX512 static Operand broadcast(float w) { return _mm512_set1_ps(w); }
+  VOKEN_TARGET_AVX512 static Vec dot(Vec acc, Operand a, Operand b) { return _mm512_fmadd_ps(a, b, acc); }
+
+  VOKEN_TARGET_AVX512 static Tail tail(int64_t n) { return simd::tail_mask(n); }
+  VOKEN_TARGET_AVX512 static Vec zero() { return _mm512_setzero_ps(); }
+  VOKEN_TARGET_AVX512 static Vec set1(float x) { return _mm512_set1_ps(x); }
+  VOKEN_TARGET_AVX512 static Vec load(const float* p) { return _mm512_load_ps(p); }
+  VOKEN_TARGET_AVX512 static void store(float* p, Vec x) { _mm512_store_ps(p, x); }
+  VOKEN_TARGET_AVX512 static Vec load(const bf16_bits* p, Tail t) { return simd::load16(p, t); }
+  VOKEN_TARGET_AVX512 static void store(float* p, Vec x, Tail t) { simd::store16(p, x, t); }
+  VOKEN_TARGET_AVX512 static void store(bf16_bits* p, Vec x, Tail t) { simd::store16(p, x, t); }
+  VOKEN_TARGET_AVX512 static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  VOKEN_TARGET_AVX512 static Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+  VOKEN_TARGET_AVX512 static Vec fmsub(Vec a, Vec b, Vec c) { return _mm512_fmsub_ps(a, b, c); }
+  VOKEN_TARGET_AVX512 static Vec max_tail(Vec a, Vec b, Tail t) { return _mm512_mask_max_ps(a, t, a, b); }
+  VOKEN_TARGET_AVX512 static Vec keep(Vec x, Tail t) { return _mm512_maskz_mov_ps(t, x); }
+  VOKEN_TARGET_AVX512 static float reduce_add(Vec x) { return _mm512_reduce_add_ps(x); }
+  VOKEN_TARGET_AVX512 static float reduce_max(Vec x) { return _mm512_reduce_max_ps(x); }
+  VOKEN_TARGET_AVX512 static Vec exp2(Vec x) { return simd::exp2_fast16(x); }
+  VOKEN_TARGET_AVX512 static Vec round_to_bf16(Vec x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(simd::round_to_bf16_bits(x), 16));
   }
 };
 
-// The online softmax's state of a block's rows.
-struct RowState {
-  float max[kRows];
-  float sum[kRows];
+// avx512_bf16: the products on bf16 pairs (vdpbf16ps), K and V packed as pairs (pack_keys_bf16_pairs,
+// pack_values_bf16_pairs); the softmax and the output rows in float32 as above.
+struct Avx512Bf16Lanes : Avx512Lanes {
+  using Word = uint32_t;
+  using Operand = __m512bh;
+
+  VOKEN_TARGET_AVX512_BF16 static Operand operand(const uint32_t* p) {
+    return (__m512bh)_mm512_load_si512(p);
+  }
+  VOKEN_TARGET_AVX512_BF16 static Operand broadcast(uint32_t w) {
+    return (__m512bh)_mm512_set1_epi32(static_cast<int>(w));
+  }
+  VOKEN_TARGET_AVX512_BF16 static Vec dot(Vec acc, Operand a, Operand b) {
+    return _mm512_dpbf16_ps(acc, a, b);
+  }
 };
-
-// The chunk maximum of a score row over its `valid` real keys; raises the running maximum when the
-// chunk exceeds it by more than the threshold and rescales the row's output and sum. Returns
-// max * coef, the shift of the exponent.
-VOKEN_TARGET_AVX512 inline float update_row_max(const float* s, int64_t valid, const Geometry& g, float& max,
-                                                float& sum, float* o) {
-  __m512 vmax = _mm512_set1_ps(-INFINITY);
-  for (int64_t c = 0; c < valid; c += 16)
-    vmax = _mm512_mask_max_ps(vmax, simd::tail_mask(valid - c), vmax, _mm512_loadu_ps(s + c));
-  if (max == -INFINITY) {
-    max = _mm512_reduce_max_ps(vmax);
-  } else if (_mm512_cmp_ps_mask(vmax, _mm512_set1_ps(max + g.threshold), _CMP_GT_OQ)) {
-    const float chunk_max = _mm512_reduce_max_ps(vmax);
-    const float factor = std::exp2((max - chunk_max) * g.coef);
-    max = chunk_max;
-    sum *= factor;
-    const __m512 f = _mm512_set1_ps(factor);
-    for (int64_t d = 0; d < g.dims_padded; d += 16)
-      _mm512_store_ps(o + d, _mm512_mul_ps(_mm512_load_ps(o + d), f));
-  }
-  return max * g.coef;
-}
-
-// 2^(s * coef - shift) for 16 scores, zero for keys at or beyond `valid_here` (relative index).
-VOKEN_TARGET_AVX512 inline __m512 probabilities16(const float* s, __m512 coef, __m512 shift,
-                                                  int64_t valid_here) {
-  const __m512 p = simd::exp2_fast16(_mm512_fmsub_ps(_mm512_loadu_ps(s), coef, shift));
-  return valid_here >= 16 ? p : _mm512_maskz_mov_ps(simd::tail_mask(valid_here), p);
-}
-
-// Writes the block's output rows: O / sum rounded to bf16.
-VOKEN_TARGET_AVX512 void store_rows(const AttentionJob& job, const Geometry& g, int64_t bh, int64_t q0,
-                                    int rows, const float* o, const RowState& state) {
-  const int64_t b = bh / job.heads, h = bh % job.heads;
-  for (int r = 0; r < rows; ++r) {
-    const __m512 inv = _mm512_set1_ps(1.0f / state.sum[r]);
-    bf16_bits* dst = job.out_row_ptr(b, h, q0 + r);
-    for (int64_t d = 0; d < job.head_dim; d += 16)
-      simd::store16(dst + d, _mm512_mul_ps(_mm512_load_ps(o + r * g.dims_padded + d), inv),
-                    simd::tail_mask(job.head_dim - d));
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
-// Packing into bf16 pairs (for this file's avx512_bf16 kernel and the AMX one).
+// Packing into bf16 pairs (for the avx512_bf16 kernel and the AMX one).
 
 // 16 x 16 transpose of 32-bit lanes: unpack pairs, then 64-bit pairs, then 128-bit blocks twice.
 VOKEN_TARGET_AVX512 inline void transpose16x16(__m512i r[16]) {
@@ -186,420 +161,79 @@ VOKEN_TARGET_AVX512 void pack_values_bf16_pairs(const AttentionJob& job, int64_t
     }
   }
 }
-
 namespace {
 
-// ---------------------------------------------------------------------------------------------
-// avx512_bf16: Q, K, P and V as bf16 pairs in 32-bit words; vdpbf16ps accumulates in float32.
+// attention_simd.inc compiled for each of the two instruction sets (see its first comment).
+namespace avx512_kernel {
+#define VOKEN_ATTENTION_TARGET VOKEN_TARGET_AVX512
+#include "core/attention_simd.inc"
+#undef VOKEN_ATTENTION_TARGET
+}  // namespace avx512_kernel
 
-struct Bf16Problem : Geometry {
-  int64_t dim_words = 0;         // ceil(head_dim / 2): the Q K^T reduction in dimension pairs
-  uint32_t* packed_k = nullptr;  // per (batch, head): key tiles [dim_words][64] (pack_keys_bf16_pairs)
-  uint32_t* packed_v = nullptr;  // per (batch, head): [keys_padded / 2][dims_padded] key pairs
-  int64_t k_size = 0, v_size = 0;
-  explicit Bf16Problem(const AttentionJob& j) : Geometry(j) {
-    dim_words = (j.head_dim + 1) / 2;
-    k_size = keys_padded * dim_words;
-    v_size = keys_padded / 2 * dims_padded;
-  }
-};
+namespace avx512_bf16_kernel {
+#define VOKEN_ATTENTION_TARGET VOKEN_TARGET_AVX512_BF16
+#include "core/attention_simd.inc"
+#undef VOKEN_ATTENTION_TARGET
+}  // namespace avx512_bf16_kernel
 
-// S[kRowTile][NT * 16] = Q K^T for one key tile: q rows of `dim_words` words (q_stride apart),
-// k the tile [dim_words][NT * 16].
-template <int NT>
-VOKEN_TARGET_AVX512_BF16 void score_tile_bf16(const uint32_t* q, int64_t q_stride, const uint32_t* k,
-                                              int64_t dim_words, float* s, int64_t s_stride) {
-  __m512 acc[kRowTile][NT];
-#pragma GCC unroll 8
-  for (int r = 0; r < kRowTile; ++r)
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
-  for (int64_t w = 0; w < dim_words; ++w) {
-    __m512bh kv[NT];
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) kv[t] = (__m512bh)_mm512_load_si512(k + w * NT * 16 + t * 16);
-#pragma GCC unroll 8
-    for (int r = 0; r < kRowTile; ++r) {
-      const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(q[r * q_stride + w]));
-#pragma GCC unroll 8
-      for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], qb, kv[t]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < kRowTile; ++r)
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) _mm512_store_ps(s + r * s_stride + t * 16, acc[r][t]);
-}
-
-// O[kRowTile][NV * 16] += P V over `pairs` key pairs: p rows of words (p_stride words apart), v
-// rows of words v_stride apart, o rows o_stride floats apart.
-template <int NV>
-VOKEN_TARGET_AVX512_BF16 void output_tile_bf16(const uint32_t* p, int64_t p_stride, const uint32_t* v,
-                                               int64_t v_stride, int64_t pairs, float* o, int64_t o_stride) {
-  __m512 acc[kRowTile][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < kRowTile; ++r)
-#pragma GCC unroll 8
-    for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_load_ps(o + r * o_stride + t * 16);
-  for (int64_t w = 0; w < pairs; ++w) {
-    __m512bh vv[NV];
-#pragma GCC unroll 8
-    for (int t = 0; t < NV; ++t) vv[t] = (__m512bh)_mm512_load_si512(v + w * v_stride + t * 16);
-#pragma GCC unroll 8
-    for (int r = 0; r < kRowTile; ++r) {
-      const __m512bh pb = (__m512bh)_mm512_set1_epi32(static_cast<int>(p[r * p_stride + w]));
-#pragma GCC unroll 8
-      for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], pb, vv[t]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < kRowTile; ++r)
-#pragma GCC unroll 8
-    for (int t = 0; t < NV; ++t) _mm512_store_ps(o + r * o_stride + t * 16, acc[r][t]);
-}
-
-struct Bf16Scratch {
-  AlignedBuffer<uint32_t> q, p;  // [kRows][dim_words] query pairs; [kRows][kChunkStride / 2] P pairs
-  AlignedBuffer<float> s, o;     // [kRowTile][kChunkStride] scores; [kRows][dims_padded] output
-  explicit Bf16Scratch(const Bf16Problem& pr)
-      : q(kRows * pr.dim_words),
-        p(kRows * kChunkStride / 2),
-        s(kRowTile * kChunkStride),
-        o(kRows * pr.dims_padded) {}
-};
-
-// Q rows [q0, q0 + rows) of one head as bf16 pairs (times the scale, rounded, for
-// ScaledQueryBf16), zero rows up to a whole row tile.
-VOKEN_TARGET_AVX512_BF16 void load_queries_bf16(const Bf16Problem& pr, int64_t bh, int64_t q0, int rows,
-                                                int padded_rows, uint32_t* q) {
-  const AttentionJob& job = *pr.job;
-  const int64_t b = bh / job.heads, h = bh % job.heads, width = 2 * pr.dim_words;
-  const __m512 scale = _mm512_set1_ps(job.scale);
-  for (int r = 0; r < padded_rows; ++r) {
-    bf16_bits* dst = reinterpret_cast<bf16_bits*>(q + r * pr.dim_words);
-    const bf16_bits* src = r < rows ? job.q_row_ptr(b, h, q0 + r) : nullptr;
-    for (int64_t d = 0; d < width; d += 16) {
-      const __mmask16 m = src ? simd::tail_mask(job.head_dim - d) : __mmask16(0);
-      const __mmask16 store = simd::tail_mask(width - d);
-      if (job.scales_query())
-        simd::store16(dst + d, _mm512_mul_ps(simd::load16(src ? src + d : dst, m), scale), store);
-      else
-        _mm256_mask_storeu_epi16(dst + d, store, _mm256_maskz_loadu_epi16(m, src ? src + d : dst));
-    }
-  }
-}
-
-VOKEN_TARGET_AVX512_BF16 void softmax_rows_bf16(const Bf16Problem& pr, const float* s, int64_t valid,
-                                                int64_t len, int row0, RowState& state, float* o,
-                                                uint32_t* p) {
-  const __m512 coef = _mm512_set1_ps(pr.coef);
-  for (int r = 0; r < kRowTile; ++r) {
-    const int i = row0 + r;
-    const float* srow = s + r * kChunkStride;
-    const __m512 shift =
-        _mm512_set1_ps(update_row_max(srow, valid, pr, state.max[i], state.sum[i], o + i * pr.dims_padded));
-    uint32_t* prow = p + i * (kChunkStride / 2);
-    __m512 acc = _mm512_setzero_ps();
-    int64_t c = 0;
-    for (; c + 32 <= len; c += 32) {
-      const __m512 p0 = probabilities16(srow + c, coef, shift, valid - c);
-      const __m512 p1 = probabilities16(srow + c + 16, coef, shift, valid - c - 16);
-      acc = _mm512_add_ps(acc, _mm512_add_ps(p0, p1));
-      _mm512_store_si512(prow + c / 2, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
-    }
-    if (c < len) {  // 16 keys left
-      const __m512 p0 = probabilities16(srow + c, coef, shift, valid - c);
-      acc = _mm512_add_ps(acc, p0);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(prow + c / 2), (__m256i)_mm512_cvtneps_pbh(p0));
-    }
-    state.sum[i] += _mm512_reduce_add_ps(acc);
-  }
-}
-
-VOKEN_TARGET_AVX512_BF16 void scores_bf16(const Bf16Problem& pr, const uint32_t* q, const uint32_t* k,
-                                          int64_t len, float* s) {
-  for (int64_t j = 0; j < len; j += kKeyTile) {
-    const uint32_t* tile = k + j * pr.dim_words;
-    switch (std::min<int64_t>(kKeyTile, len - j) / 16) {
-      case 4:
-        score_tile_bf16<4>(q, pr.dim_words, tile, pr.dim_words, s + j, kChunkStride);
-        break;
-      case 3:
-        score_tile_bf16<3>(q, pr.dim_words, tile, pr.dim_words, s + j, kChunkStride);
-        break;
-      case 2:
-        score_tile_bf16<2>(q, pr.dim_words, tile, pr.dim_words, s + j, kChunkStride);
-        break;
-      default:
-        score_tile_bf16<1>(q, pr.dim_words, tile, pr.dim_words, s + j, kChunkStride);
-        break;
-    }
-  }
-}
-
-VOKEN_TARGET_AVX512_BF16 void outputs_bf16(const Bf16Problem& pr, const uint32_t* p, const uint32_t* v,
-                                           int64_t pairs, float* o) {
-  for (int64_t d = 0; d < pr.dims_padded; d += 64) {
-    switch (std::min<int64_t>(64, pr.dims_padded - d) / 16) {
-      case 4:
-        output_tile_bf16<4>(p, kChunkStride / 2, v + d, pr.dims_padded, pairs, o + d, pr.dims_padded);
-        break;
-      case 3:
-        output_tile_bf16<3>(p, kChunkStride / 2, v + d, pr.dims_padded, pairs, o + d, pr.dims_padded);
-        break;
-      case 2:
-        output_tile_bf16<2>(p, kChunkStride / 2, v + d, pr.dims_padded, pairs, o + d, pr.dims_padded);
-        break;
-      default:
-        output_tile_bf16<1>(p, kChunkStride / 2, v + d, pr.dims_padded, pairs, o + d, pr.dims_padded);
-        break;
-    }
-  }
-}
-
-VOKEN_TARGET_AVX512_BF16 void run_bf16_units(const void* context, WorkRanges& ranges, int64_t worker) {
-  const Bf16Problem& pr = *static_cast<const Bf16Problem*>(context);
-  const AttentionJob& job = *pr.job;
-  Bf16Scratch w(pr);
-  RowState state;
-  for (int64_t unit = ranges.next(worker); unit >= 0; unit = ranges.next(worker)) {
-    const int64_t bh = unit / pr.query_blocks, q0 = unit % pr.query_blocks * kRows;
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, job.queries - q0));
-    const int tiles = (rows + kRowTile - 1) / kRowTile;
-    load_queries_bf16(pr, bh, q0, rows, tiles * kRowTile, w.q.get());
-    std::memset(w.o.get(), 0, sizeof(float) * tiles * kRowTile * pr.dims_padded);
-    std::fill(state.max, state.max + kRows, -INFINITY);
-    std::fill(state.sum, state.sum + kRows, 0.0f);
-    const uint32_t* k = pr.packed_k + bh * pr.k_size;
-    const uint32_t* v = pr.packed_v + bh * pr.v_size;
-    for (int64_t k0 = 0, len = 0; k0 < pr.keys_padded; k0 += len) {
-      len = chunk_length(pr.keys_padded - k0);  // a multiple of 16
-      const int64_t valid = std::min(len, job.keys - k0);
-      for (int t = 0; t < tiles; ++t) {
-        scores_bf16(pr, w.q.get() + t * kRowTile * pr.dim_words, k + k0 * pr.dim_words, len, w.s.get());
-        softmax_rows_bf16(pr, w.s.get(), valid, len, t * kRowTile, state, w.o.get(), w.p.get());
+// The avx512_bf16 kernel: queries as bf16 pairs (the scale applied and rounded for ScaledQueryBf16)
+// and probabilities rounded to bf16 pairs, instead of SimdKernel's float32 ones.
+struct Avx512Bf16Kernel : avx512_bf16_kernel::SimdKernel<Avx512Bf16Lanes> {
+  // Q rows [q0, q0 + rows) of one head as bf16 pairs, `depth` words a row (the odd dimension of an
+  // odd head_dim zero), zero rows up to padded_rows.
+  VOKEN_TARGET_AVX512_BF16 static void load_queries(const FlashLayout& l, int64_t bh, int64_t q0, int rows,
+                                                    int padded_rows, uint32_t* q) {
+    const AttentionJob& job = *l.job;
+    const int64_t b = bh / job.heads, h = bh % job.heads, width = 2 * l.depth;
+    const __m512 scale = _mm512_set1_ps(job.scale);
+    for (int r = 0; r < padded_rows; ++r) {
+      bf16_bits* dst = reinterpret_cast<bf16_bits*>(q + r * l.depth);
+      const bf16_bits* src = r < rows ? job.q_row_ptr(b, h, q0 + r) : nullptr;
+      for (int64_t d = 0; d < width; d += 16) {
+        const __mmask16 m = src ? simd::tail_mask(job.head_dim - d) : __mmask16(0);
+        const __mmask16 store = simd::tail_mask(width - d);
+        if (job.scales_query())
+          simd::store16(dst + d, _mm512_mul_ps(simd::load16(src ? src + d : dst, m), scale), store);
+        else
+          _mm256_mask_storeu_epi16(dst + d, store, _mm256_maskz_loadu_epi16(m, src ? src + d : dst));
       }
-      for (int t = 0; t < tiles; ++t)
-        outputs_bf16(pr, w.p.get() + t * kRowTile * (kChunkStride / 2), v + k0 / 2 * pr.dims_padded, len / 2,
-                     w.o.get() + t * kRowTile * pr.dims_padded);
     }
-    store_rows(job, pr, bh, q0, rows, w.o.get(), state);
   }
-}
 
-// ---------------------------------------------------------------------------------------------
-// avx512: float32 FMA on K and V widened once; P stays float32.
-
-struct Float32Problem : Geometry {
-  float* packed_k = nullptr;  // per (batch, head): key tiles [head_dim][64] (pack_keys_float32)
-  float* packed_v = nullptr;  // per (batch, head): [keys_padded][dims_padded]
-  int64_t k_size = 0, v_size = 0;
-  explicit Float32Problem(const AttentionJob& j) : Geometry(j) {
-    k_size = keys_padded * j.head_dim;
-    v_size = keys_padded * dims_padded;
+  // As SimdKernel::exponentiate, P rounded to bf16 pairs (rows kChunkStride / 2 words apart); the
+  // sums are of the float32 values, 32 keys a step.
+  VOKEN_TARGET_AVX512_BF16 static void exponentiate(const float* s, int64_t valid, int64_t len, float coef,
+                                                    const float* shifts, uint32_t* p, float* sums) {
+    using avx512_bf16_kernel::probabilities;
+    const __m512 c = _mm512_set1_ps(coef);
+    for (int r = 0; r < kRowTile; ++r) {
+      const float* srow = s + r * kChunkStride;
+      uint32_t* prow = p + r * (kChunkStride / 2);
+      const __m512 shift = _mm512_set1_ps(shifts[r]);
+      __m512 sum = _mm512_setzero_ps();
+      int64_t j = 0;
+      for (; j + 32 <= len; j += 32) {
+        const __m512 p0 = probabilities<Avx512Bf16Lanes>(srow + j, c, shift, valid - j);
+        const __m512 p1 = probabilities<Avx512Bf16Lanes>(srow + j + 16, c, shift, valid - j - 16);
+        sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+        _mm512_store_si512(prow + j / 2, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+      }
+      if (j < len) {  // 16 keys left
+        const __m512 p0 = probabilities<Avx512Bf16Lanes>(srow + j, c, shift, valid - j);
+        sum = _mm512_add_ps(sum, p0);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(prow + j / 2), (__m256i)_mm512_cvtneps_pbh(p0));
+      }
+      sums[r] = _mm512_reduce_add_ps(sum);
+    }
   }
 };
-
-template <int NT>
-VOKEN_TARGET_AVX512 void score_tile_f32(const float* q, int64_t q_stride, const float* k, int64_t dims,
-                                        float* s, int64_t s_stride) {
-  __m512 acc[kRowTile][NT];
-#pragma GCC unroll 8
-  for (int r = 0; r < kRowTile; ++r)
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < dims; ++d) {
-    __m512 kv[NT];
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) kv[t] = _mm512_load_ps(k + d * NT * 16 + t * 16);
-#pragma GCC unroll 8
-    for (int r = 0; r < kRowTile; ++r) {
-      const __m512 qb = _mm512_set1_ps(q[r * q_stride + d]);
-#pragma GCC unroll 8
-      for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_fmadd_ps(qb, kv[t], acc[r][t]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < kRowTile; ++r)
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) _mm512_store_ps(s + r * s_stride + t * 16, acc[r][t]);
-}
-
-template <int NV>
-VOKEN_TARGET_AVX512 void output_tile_f32(const float* p, int64_t p_stride, const float* v, int64_t v_stride,
-                                         int64_t keys, float* o, int64_t o_stride) {
-  __m512 acc[kRowTile][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < kRowTile; ++r)
-#pragma GCC unroll 8
-    for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_load_ps(o + r * o_stride + t * 16);
-  for (int64_t j = 0; j < keys; ++j) {
-    __m512 vv[NV];
-#pragma GCC unroll 8
-    for (int t = 0; t < NV; ++t) vv[t] = _mm512_load_ps(v + j * v_stride + t * 16);
-#pragma GCC unroll 8
-    for (int r = 0; r < kRowTile; ++r) {
-      const __m512 pb = _mm512_set1_ps(p[r * p_stride + j]);
-#pragma GCC unroll 8
-      for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_fmadd_ps(pb, vv[t], acc[r][t]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < kRowTile; ++r)
-#pragma GCC unroll 8
-    for (int t = 0; t < NV; ++t) _mm512_store_ps(o + r * o_stride + t * 16, acc[r][t]);
-}
-
-struct Float32Scratch {
-  AlignedBuffer<float> q, s, p,
-      o;  // [kRows][head_dim], [kRowTile][kChunkStride], [kRows][kChunkStride], [kRows][dims_padded]
-  explicit Float32Scratch(const Float32Problem& pr)
-      : q(kRows * pr.job->head_dim),
-        s(kRowTile * kChunkStride),
-        p(kRows * kChunkStride),
-        o(kRows * pr.dims_padded) {}
-};
-
-// Q rows widened to float32 (times the scale and rounded to bf16 for ScaledQueryBf16), zero rows
-// up to a whole row tile.
-VOKEN_TARGET_AVX512 void load_queries_f32(const Float32Problem& pr, int64_t bh, int64_t q0, int rows,
-                                          int padded_rows, float* q) {
-  const AttentionJob& job = *pr.job;
-  const int64_t b = bh / job.heads, h = bh % job.heads, dims = job.head_dim;
-  const __m512 scale = _mm512_set1_ps(job.scale);
-  for (int r = 0; r < padded_rows; ++r) {
-    const bf16_bits* src = r < rows ? job.q_row_ptr(b, h, q0 + r) : nullptr;
-    for (int64_t d = 0; d < dims; d += 16) {
-      const __mmask16 m = simd::tail_mask(dims - d);
-      __m512 x = src ? simd::load16(src + d, m) : _mm512_setzero_ps();
-      if (job.scales_query()) {
-        // Rounded to bf16 as upstream's q * scale, then widened again.
-        const __m512i bits = simd::round_to_bf16_bits(_mm512_mul_ps(x, scale));
-        x = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
-      }
-      _mm512_mask_storeu_ps(q + r * dims + d, m, x);
-    }
-  }
-}
-
-VOKEN_TARGET_AVX512 void softmax_rows_f32(const Float32Problem& pr, float* s, int64_t valid, int64_t len,
-                                          int row0, RowState& state, float* o, float* p) {
-  const __m512 coef = _mm512_set1_ps(pr.coef);
-  for (int r = 0; r < kRowTile; ++r) {
-    const int i = row0 + r;
-    const float* srow = s + r * kChunkStride;
-    const __m512 shift =
-        _mm512_set1_ps(update_row_max(srow, valid, pr, state.max[i], state.sum[i], o + i * pr.dims_padded));
-    float* prow = p + i * kChunkStride;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t c = 0; c < len; c += 16) {
-      const __m512 p0 = probabilities16(srow + c, coef, shift, valid - c);
-      acc = _mm512_add_ps(acc, p0);
-      _mm512_store_ps(prow + c, p0);
-    }
-    state.sum[i] += _mm512_reduce_add_ps(acc);
-  }
-}
-
-VOKEN_TARGET_AVX512 void scores_f32(const Float32Problem& pr, const float* q, const float* k, int64_t len,
-                                    float* s) {
-  const int64_t dims = pr.job->head_dim;
-  for (int64_t j = 0; j < len; j += kKeyTile) {
-    const float* tile = k + j * dims;
-    switch (std::min<int64_t>(kKeyTile, len - j) / 16) {
-      case 4:
-        score_tile_f32<4>(q, dims, tile, dims, s + j, kChunkStride);
-        break;
-      case 3:
-        score_tile_f32<3>(q, dims, tile, dims, s + j, kChunkStride);
-        break;
-      case 2:
-        score_tile_f32<2>(q, dims, tile, dims, s + j, kChunkStride);
-        break;
-      default:
-        score_tile_f32<1>(q, dims, tile, dims, s + j, kChunkStride);
-        break;
-    }
-  }
-}
-
-VOKEN_TARGET_AVX512 void outputs_f32(const Float32Problem& pr, const float* p, const float* v, int64_t keys,
-                                     float* o) {
-  for (int64_t d = 0; d < pr.dims_padded; d += 64) {
-    switch (std::min<int64_t>(64, pr.dims_padded - d) / 16) {
-      case 4:
-        output_tile_f32<4>(p, kChunkStride, v + d, pr.dims_padded, keys, o + d, pr.dims_padded);
-        break;
-      case 3:
-        output_tile_f32<3>(p, kChunkStride, v + d, pr.dims_padded, keys, o + d, pr.dims_padded);
-        break;
-      case 2:
-        output_tile_f32<2>(p, kChunkStride, v + d, pr.dims_padded, keys, o + d, pr.dims_padded);
-        break;
-      default:
-        output_tile_f32<1>(p, kChunkStride, v + d, pr.dims_padded, keys, o + d, pr.dims_padded);
-        break;
-    }
-  }
-}
-
-VOKEN_TARGET_AVX512 void run_f32_units(const void* context, WorkRanges& ranges, int64_t worker) {
-  const Float32Problem& pr = *static_cast<const Float32Problem*>(context);
-  const AttentionJob& job = *pr.job;
-  Float32Scratch w(pr);
-  RowState state;
-  for (int64_t unit = ranges.next(worker); unit >= 0; unit = ranges.next(worker)) {
-    const int64_t bh = unit / pr.query_blocks, q0 = unit % pr.query_blocks * kRows;
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, job.queries - q0));
-    const int tiles = (rows + kRowTile - 1) / kRowTile;
-    load_queries_f32(pr, bh, q0, rows, tiles * kRowTile, w.q.get());
-    std::memset(w.o.get(), 0, sizeof(float) * tiles * kRowTile * pr.dims_padded);
-    std::fill(state.max, state.max + kRows, -INFINITY);
-    std::fill(state.sum, state.sum + kRows, 0.0f);
-    const float* k = pr.packed_k + bh * pr.k_size;
-    const float* v = pr.packed_v + bh * pr.v_size;
-    for (int64_t k0 = 0, len = 0; k0 < pr.keys_padded; k0 += len) {
-      len = chunk_length(pr.keys_padded - k0);
-      const int64_t valid = std::min(len, job.keys - k0);
-      for (int t = 0; t < tiles; ++t) {
-        scores_f32(pr, w.q.get() + t * kRowTile * job.head_dim, k + k0 * job.head_dim, len, w.s.get());
-        softmax_rows_f32(pr, w.s.get(), valid, len, t * kRowTile, state, w.o.get(), w.p.get());
-      }
-      for (int t = 0; t < tiles; ++t)
-        outputs_f32(pr, w.p.get() + t * kRowTile * kChunkStride, v + k0 * pr.dims_padded, len,
-                    w.o.get() + t * kRowTile * pr.dims_padded);
-    }
-    store_rows(job, pr, bh, q0, rows, w.o.get(), state);
-  }
-}
 
 }  // namespace
 
-void attention_avx512_bf16(const AttentionJob& job) {
-  Bf16Problem pr(job);
-  const int64_t groups = job.batch * job.heads;
-  AlignedBuffer<uint32_t> packed_k(groups * pr.k_size), packed_v(groups * pr.v_size);
-  pr.packed_k = packed_k.get();
-  pr.packed_v = packed_v.get();
-  pack_in_parallel(groups, pr.keys_padded, [&](int64_t bh, int64_t begin, int64_t end) {
-    pack_keys_bf16_pairs(job, bh, kKeyTile, pr.dim_words, pr.keys_padded, begin, end,
-                         pr.packed_k + bh * pr.k_size);
-    pack_values_bf16_pairs(job, bh, begin, end, pr.dims_padded, pr.packed_v + bh * pr.v_size);
-  });
-  run_units(groups * pr.query_blocks, run_bf16_units, &pr);
-}
+void attention_avx512_bf16(const AttentionJob& job) { flash_attention<Avx512Bf16Kernel>(job); }
 
 void attention_avx512(const AttentionJob& job) {
-  Float32Problem pr(job);
-  const int64_t groups = job.batch * job.heads;
-  AlignedBuffer<float> packed_k(groups * pr.k_size), packed_v(groups * pr.v_size);
-  pr.packed_k = packed_k.get();
-  pr.packed_v = packed_v.get();
-  pack_in_parallel(groups, pr.keys_padded, [&](int64_t bh, int64_t begin, int64_t end) {
-    pack_keys_float32(job, bh, kKeyTile, pr.keys_padded, begin, end, pr.packed_k + bh * pr.k_size);
-    pack_values_float32(job, bh, begin, end, pr.dims_padded, pr.packed_v + bh * pr.v_size);
-  });
-  run_units(groups * pr.query_blocks, run_f32_units, &pr);
+  flash_attention<avx512_kernel::SimdKernel<Avx512Lanes>>(job);
 }
 
 }  // namespace voken::core::attention_detail

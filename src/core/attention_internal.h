@@ -1,8 +1,9 @@
 // What the per-tier attention kernels (attention_amx.cpp, attention_avx512.cpp,
 // attention_avx2.cpp) share with core/attention.cpp: the call's description, the packings of K
-// and V, and the online-softmax constants. Internal header, no intrinsics.
+// and V, and the online softmax's rule for its running maxima. Internal header, no intrinsics.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
@@ -15,6 +16,12 @@ namespace voken::core::attention_detail {
 
 using bf16_bits = uint16_t;
 
+// The running row maximum is only raised (and the output rescaled) when a chunk's scores exceed it
+// by more than this after scaling (in natural-log units): exp() arguments stay below it, so
+// nothing overflows and the sums stay exact to float rounding, while rescales become rare after
+// the first chunks.
+constexpr float kRescaleThreshold = 8.0f;
+
 // One call: the operands, the output [B, Tq, heads * D] (contiguous) and where the scale enters.
 struct AttentionJob : AttentionOperands {
   bf16_bits* out = nullptr;
@@ -25,6 +32,10 @@ struct AttentionJob : AttentionOperands {
   // are then used as they are.
   bool scales_query() const { return numerics == AttentionNumerics::ScaledQueryBf16; }
   float score_scale() const { return scales_query() ? 1.0f : scale; }
+  // The softmax in base 2: p = 2^(s * coef - max * coef) with coef = score scale * log2(e).
+  float exponent_coef() const { return score_scale() * 1.44269504088896341f; }
+  // kRescaleThreshold in score units.
+  float rescale_threshold() const { return kRescaleThreshold / score_scale(); }
   int64_t out_row() const { return heads * head_dim; }
   const bf16_bits* q_row_ptr(int64_t b, int64_t h, int64_t n) const {
     return q + b * q_batch + n * q_row + h * head_dim;
@@ -40,11 +51,20 @@ struct AttentionJob : AttentionOperands {
   }
 };
 
-// The running row maximum is only raised (and the output rescaled) when a chunk's scores exceed it
-// by more than this after scaling (in natural-log units): exp() arguments stay below it, so
-// nothing overflows and the sums stay exact to float rounding, while rescales become rare after
-// the first chunks.
-constexpr float kRescaleThreshold = 8.0f;
+// The online softmax's update of a row's running maximum `max` by the maximum of a chunk's scores:
+// the first chunk sets it; a later one raises it only past the threshold (in score units).
+// Returns the factor by which the row's sum and output so far must then be multiplied
+// (2^((old - new) * coef), below 2^-11), or 1 when the maximum stays.
+inline float raise_row_max(float& max, float chunk_max, float threshold, float coef) {
+  if (max == -INFINITY) {
+    max = chunk_max;
+    return 1.0f;
+  }
+  if (!(chunk_max > max + threshold)) return 1.0f;
+  const float factor = std::exp2((max - chunk_max) * coef);
+  max = chunk_max;
+  return factor;
+}
 
 // 64-byte aligned, uninitialised memory for `count` values of T (scratch and packed operands).
 void* aligned_bytes(int64_t bytes);  // throws std::bad_alloc

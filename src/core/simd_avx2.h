@@ -127,22 +127,37 @@ VOKEN_TARGET_AVX2 inline __m256 reciprocal8(__m256 d) {
   return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
 }
 
-// 2^x for x <= 128 (very negative x gives 0), relative error < 3e-6: for softmax weights that are
-// rounded to bfloat16 anyway (simd_avx512.h's exp2_fast16).
-VOKEN_TARGET_AVX2 inline __m256 exp2_fast8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-150.0f));
-  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, n);
+// 2^f for f in [-1/2, 1/2]: a degree-5 Taylor polynomial (relative error < 3e-6), as
+// simd_avx512.h's exp2_fast16.
+VOKEN_TARGET_AVX2 inline __m256 exp2_fraction8(__m256 f) {
   __m256 p = _mm256_set1_ps(1.3333558e-3f);
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291e-3f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504109e-2f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022651e-1f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  return _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+}
+
+// 2^x for x <= 128 (very negative x gives 0), relative error < 3e-6: for softmax weights that are
+// rounded to bfloat16 anyway (simd_avx512.h's exp2_fast16).
+VOKEN_TARGET_AVX2 inline __m256 exp2_fast8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-150.0f));
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 p = exp2_fraction8(_mm256_sub_ps(x, n));
   const __m256 half = _mm256_floor_ps(_mm256_mul_ps(n, _mm256_set1_ps(0.5f)));
   const __m256 result = _mm256_mul_ps(_mm256_mul_ps(p, pow2i(half)), pow2i(_mm256_sub_ps(n, half)));
   // Below 2^-126 the halves are denormal-free only down to n = -252; flush what is smaller.
   return _mm256_and_ps(result, _mm256_cmp_ps(x, _mm256_set1_ps(-149.0f), _CMP_GT_OQ));
+}
+
+// 2^x for x <= 127 with one exponent-field scaling where exp2_fast8 takes two (to reach down to
+// 2^-149): x below -126 counts as -126. For softmax weights 2^(s - max) of a row that holds a 2^0:
+// terms of 2^-126 and less are nothing next to it. The same bits as exp2_fast8 for x in
+// [-126, 127].
+VOKEN_TARGET_AVX2 inline __m256 exp2_softmax8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-126.0f));
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_mul_ps(exp2_fraction8(_mm256_sub_ps(x, n)), pow2i(n));
 }
 
 // Exact-form GELU, 0.5 x (1 + erf(x / sqrt(2))), as simd_avx512.h's gelu16 (relative error

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <random>
 #include <set>
@@ -230,6 +231,42 @@ TEST(SimdAvx2, HorizontalReductions) {
   sums(v, sum, max);
   EXPECT_FLOAT_EQ(sum, 35.75f);
   EXPECT_EQ(max, 40.0f);
+}
+
+VOKEN_TARGET_AVX2 void exp2_both(const std::vector<float>& in, std::vector<float>& fast,
+                                 std::vector<float>& softmax) {
+  fast.resize(in.size());
+  softmax.resize(in.size());
+  for (size_t i = 0; i < in.size(); i += 8) {
+    const __m256 x = simd8::load8(in.data() + i);
+    simd8::store8(fast.data() + i, simd8::exp2_fast8(x));
+    simd8::store8(softmax.data() + i, simd8::exp2_softmax8(x));
+  }
+}
+
+// exp2_softmax8 is exp2_fast8 (tested against float64 above) with one scaling instead of two: the
+// same bits on [-126, 127], where both scale a normal float by a power of two; 2^-126 below.
+TEST(SimdAvx2, Exp2SoftmaxIsExp2FastAboveMinus126) {
+  if (!avx2_here()) GTEST_SKIP() << "the CPU tier here is below avx2";
+  std::vector<float> values = {-126.0f, -125.5f, -125.49999f, -0.5f, 0.5f,
+                               126.5f,  127.0f,  127.4f,      0.0f,  -0.0f};
+  for (float x = -126.0f; x <= 127.0f; x += 0.0009765625f) values.push_back(x);  // 2^-10 steps, ~260k values
+  for (const float x : test_values())
+    if (x >= -126.0f && x <= 127.0f) values.push_back(x);
+  const size_t in_range = values.size();
+  for (const float x : {-126.001f, -126.5f, -127.0f, -149.0f, -200.0f, -1e30f, -INFINITY})
+    values.push_back(x);
+  while (values.size() % 8) values.push_back(1.0f);
+  std::vector<float> fast, softmax;
+  exp2_both(values, fast, softmax);
+  for (size_t i = 0; i < in_range; ++i) {
+    uint32_t a = 0, b = 0;
+    std::memcpy(&a, &fast[i], 4);
+    std::memcpy(&b, &softmax[i], 4);
+    ASSERT_EQ(a, b) << "2^" << values[i] << ": " << fast[i] << " vs " << softmax[i];
+  }
+  for (size_t i = in_range; i < values.size() && values[i] < -126.0f; ++i)
+    EXPECT_EQ(softmax[i], std::ldexp(1.0f, -126)) << values[i];
 }
 
 #endif
